@@ -1,0 +1,1 @@
+"""The HTTP front: Flask under gunicorn, stateless, no torch."""

@@ -1,0 +1,43 @@
+"""The ``redbatch`` command: ``api``, ``worker`` and ``up``. Each side is imported only when used,
+so ``redbatch api`` never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common.config import WORKER_FLAGS, add_flags, settings_from_args
+from common.logs import configure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="redbatch", description="Redis-backed dynamic batching for PyTorch models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from api import server
+    from common import up
+
+    p_api = sub.add_parser("api", help="serve the HTTP API (gunicorn, no torch)")
+    server.add_arguments(p_api)
+    p_worker = sub.add_parser("worker", help="run a batching worker for one model on one device")
+    add_flags(p_worker, WORKER_FLAGS)
+    p_up = sub.add_parser("up", help="Redis (if needed), a worker and the API, in one command")
+    up.add_arguments(p_up)
+
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure(settings.log_level)
+    if args.command == "api":
+        return server.run(settings)
+    if args.command == "worker":
+        from worker import main as worker_main
+
+        return worker_main.run(settings)
+    return up.run(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Settings: the only place the environment is read.
+
+Every field ``foo_bar`` is read from ``REDBATCH_FOO_BAR`` (``REDIS_URL`` is accepted for ``redis_url``)
+and can be overridden by the CLI flag ``--foo-bar``. Precedence: flag > environment > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from common.keys import Keys
+
+ENV_PREFIX = "REDBATCH_"
+
+_HELP = {
+    "redis_url": "Redis DSN: redis://[user:pass@]host:port/db, rediss:// for TLS",
+    "prefix": "prefix of every Redis key",
+    "request_timeout_s": "deadline of a request, from its arrival at the API",
+    "reply_ttl_s": "TTL of a reply key that nobody reads (the API gave up)",
+    "max_queue_length": "queue length above which the API answers 503 + Retry-After",
+    "max_body_bytes": "largest request body the API reads (413 above)",
+    "max_image_pixels": "largest image, in pixels, the API decodes (413 above)",
+    "model_cache_s": "how long an API process caches the list of live models",
+    "bind": "HOST:PORT the API listens on",
+    "api_workers": "gunicorn worker processes",
+    "api_threads": "threads per gunicorn process (each holds one waiting request)",
+    "model": "torchvision architecture name (resnet18, mobilenet_v3_small, ...)",
+    "model_name": "name to serve the model under (default: the architecture)",
+    "weights": "PATH to a state_dict, DEFAULT (torchvision pretrained), random, or auto (DEFAULT, else random)",
+    "device": "cpu, cuda, cuda:N or auto",
+    "dtype": "float32, float16 or bfloat16 for the forward pass",
+    "max_batch_size": "most items in one forward pass",
+    "window_ms": "longest a partial batch waits for more items, from its first item's arrival",
+    "heartbeat_s": "how often a worker renews its registration",
+    "worker_ttl_s": "a worker whose registration is older than this is dead",
+    "torch_threads": "torch intra-op threads (0: torch's default)",
+    "channels_last": "run the model in channels_last memory format",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+# Which settings each command takes as flags (kept here so that reading them never imports torch).
+API_FLAGS = (
+    "redis_url", "prefix", "bind", "api_workers", "api_threads", "request_timeout_s", "reply_ttl_s",
+    "max_queue_length", "max_body_bytes", "max_image_pixels", "model_cache_s", "log_level",
+)  # fmt: skip
+WORKER_FLAGS = (
+    "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
+    "window_ms", "heartbeat_s", "worker_ttl_s", "reply_ttl_s", "request_timeout_s", "torch_threads",
+    "channels_last", "log_level",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "redbatch"
+    # api
+    request_timeout_s: float = 10.0
+    reply_ttl_s: float = 30.0
+    max_queue_length: int = 1024
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    model_cache_s: float = 1.0
+    bind: str = "127.0.0.1:8000"
+    api_workers: int = 2
+    api_threads: int = 64
+    # worker
+    model: str = "resnet18"
+    model_name: str = ""
+    weights: str = "DEFAULT"
+    device: str = "auto"
+    dtype: str = "float32"
+    max_batch_size: int = 32
+    window_ms: float = 2.0
+    heartbeat_s: float = 2.0
+    worker_ttl_s: float = 10.0
+    torch_threads: int = 0
+    channels_last: bool = True
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``REDBATCH_*`` variables (and ``REDIS_URL``); raises ValueError on a bad value."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None and f.name == "redis_url":
+                raw = env.get("REDIS_URL")
+            if raw is not None:
+                values[f.name] = _parse(f.name, f.type, raw)
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> Settings:
+        """A copy with the given fields changed; ``None`` values are ignored (flags not given)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or self.model
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add ``--foo-bar`` flags for the named settings; an absent flag leaves the setting alone."""
+    types = {f.name: f.type for f in fields(Settings)}
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        help_ = f"{_HELP.get(name, '')} [env {env}]"
+        if types[name] in ("bool", bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, type=_caster(types[name]), default=None, help=help_)
+
+
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    names = {f.name for f in fields(Settings)}
+    return Settings.from_env(env).replace(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _caster(type_name: Any) -> Any:
+    return {"int": int, "float": float, "str": str}.get(str(type_name), str)
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return _caster(kind)(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None

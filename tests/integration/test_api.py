@@ -1,0 +1,237 @@
+"""The API on a real Redis (Flask's test client), with and without a worker behind it."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+from PIL import Image
+
+from api.app import create_app
+from common.config import Settings
+from common.protocol import decode_request
+from tests.conftest import make_image
+from tests.integration.conftest import POISON, RunningWorker, TinyHandler, expected_top1, wait_registered
+from worker.broker import WorkerBroker
+
+JPEG = {"Content-Type": "image/jpeg"}
+
+
+@pytest.fixture
+def tiny(settings: Settings) -> Settings:
+    return settings.replace(model="tiny", request_timeout_s=5.0)
+
+
+def _client(s: Settings) -> FlaskClient:
+    return create_app(s).test_client()
+
+
+def _solid(value: int, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (value, value, value)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _fake_registration(s: Settings) -> None:
+    """A live-looking worker that never pops: requests reach the queue and nobody answers."""
+    WorkerBroker(redis.Redis.from_url(s.redis_url), s, "ghost").register(
+        {"model": "tiny", "max_batch_size": 4, "spec": json.dumps(TinyHandler.spec.to_dict())}
+    )
+
+
+def test_unserved_model_is_404(tiny: Settings) -> None:
+    resp = _client(tiny).post("/v1/models/nope/predict", data=make_image(1), headers=JPEG)
+    assert resp.status_code == 404
+    assert resp.get_json()["error"]["code"] == "model_not_found"
+
+
+def test_no_worker_answer_is_504_at_the_deadline_and_the_frame_waits_in_the_queue(
+    tiny: Settings, r: redis.Redis
+) -> None:
+    s = tiny.replace(request_timeout_s=0.5)
+    _fake_registration(s)
+    t0 = time.monotonic()
+    resp = _client(s).post("/v1/models/tiny/predict", data=make_image(1), headers=JPEG)
+    elapsed = time.monotonic() - t0
+    assert resp.status_code == 504
+    assert resp.get_json()["error"]["code"] == "deadline_exceeded"
+    assert 0.45 < elapsed < 1.5
+    frames = r.lrange(s.keys.queue("tiny"), 0, -1)
+    assert len(frames) == 1 and decode_request(frames[0]).expired()
+
+
+def test_a_late_reply_expires_on_its_own(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    s = tiny.replace(request_timeout_s=0.5, reply_ttl_s=2.0)
+    _fake_registration(s)
+    resp = _client(s).post("/v1/models/tiny/predict", data=_solid(100), headers=JPEG)
+    assert resp.status_code == 504
+    # A worker that arrives late skips the expired frame and answers it with an error that expires.
+    start_worker(request_timeout_s=0.5, reply_ttl_s=2.0)
+    deadline = time.monotonic() + 5
+    while not (replies := list(r.scan_iter(match=s.keys.reply("*")))):
+        assert time.monotonic() < deadline, "the worker never answered the expired frame"
+        time.sleep(0.02)
+    assert len(replies) == 1 and 0 < r.pttl(replies[0]) <= 2000
+    assert r.llen(s.keys.queue("tiny")) == 0
+    assert r.hget(s.keys.stats("tiny"), "expired") == b"1"
+
+
+def test_predict_answers_with_the_models_result(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
+    start_worker()
+    client = _client(tiny)
+    for value in (0, 60, 130, 250):
+        resp = client.post("/v1/models/tiny/predict?topk=3", data=_solid(value), headers=JPEG)
+        assert resp.status_code == 200, resp.get_json()
+        body = resp.get_json()
+        assert body["model"] == "tiny" and len(body["predictions"]) == 3
+        top = body["predictions"][0]
+        assert top["index"] == expected_top1(value) and top["label"] == f"c{top['index']}"
+        assert body["batch_size"] >= 1 and body["infer_ms"] >= 0 and body["queue_ms"] >= 0
+
+
+def test_multipart_upload_works(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
+    start_worker()
+    resp = _client(tiny).post(
+        "/v1/models/tiny/predict",
+        data={"image": (io.BytesIO(_solid(200)), "x.png")},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 200
+    assert resp.get_json()["predictions"][0]["index"] == expected_top1(200)
+
+
+def test_concurrent_requests_share_forward_passes(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
+    w = start_worker(max_batch_size=8, window_ms=20)
+    app = create_app(tiny)
+
+    def one(v: int) -> tuple[int, int, int]:
+        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
+        body = resp.get_json()
+        return v, body["predictions"][0]["index"], body["batch_size"]
+
+    with ThreadPoolExecutor(24) as ex:
+        results = list(ex.map(one, [i * 10 for i in range(24)]))
+    assert all(idx == expected_top1(v) for v, idx, _ in results)
+    assert max(bs for _, _, bs in results) > 1
+    assert max(w.handler.batch_sizes) <= 8
+
+
+def test_a_poisoned_item_fails_alone_and_the_batch_succeeds(
+    tiny: Settings, start_worker: Callable[..., RunningWorker]
+) -> None:
+    start_worker(max_batch_size=16, window_ms=50)
+    app = create_app(tiny)
+    values = [40, 80, POISON, 120, 160, 200, 240, 20]
+
+    def one(v: int) -> tuple[int, int, str]:
+        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
+        body = resp.get_json()
+        return v, resp.status_code, body["error"]["code"] if "error" in body else str(body["predictions"][0]["index"])
+
+    with ThreadPoolExecutor(len(values)) as ex:
+        results = list(ex.map(one, values))
+    for v, status, what in results:
+        if v == POISON:
+            assert (status, what) == (500, "inference_failed")
+        else:
+            assert (status, what) == (200, str(expected_top1(v)))
+
+
+def test_foreign_and_malformed_queue_entries_do_not_stop_the_worker(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    import msgpack
+
+    q = tiny.keys.queue("tiny")
+    r.rpush(q, b"hello from redis-cli", msgpack.packb({"v": 1, "id": "foreign1", "model": "tiny"}))
+    start_worker()
+    resp = _client(tiny).post("/v1/models/tiny/predict", data=_solid(90), headers=JPEG)
+    assert resp.status_code == 200
+    _, raw = r.blpop([tiny.keys.reply("foreign1")], timeout=5)
+    assert msgpack.unpackb(raw)["error"]["code"] == "bad_frame"
+    assert r.llen(q) == 0
+
+
+@pytest.mark.parametrize(
+    "headers,body,status,code",
+    [
+        ({"Content-Type": "text/plain"}, b"hello", 415, "unsupported_media_type"),
+        ({}, b"\xff\xd8", 415, "unsupported_media_type"),
+        (JPEG, b"", 400, "invalid_image"),
+        (JPEG, b"definitely not a jpeg", 400, "invalid_image"),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, b"--x--\r\n", 400, "bad_request"),
+    ],
+)
+def test_bad_uploads_get_clear_4xx_errors(tiny: Settings, headers: dict, body: bytes, status: int, code: str) -> None:
+    _fake_registration(tiny)
+    resp = _client(tiny).post("/v1/models/tiny/predict", data=body, headers=headers)
+    assert resp.status_code == status
+    assert resp.get_json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize("topk", ["0", "101", "abc", "-1", "2.5"])
+def test_bad_topk_is_400(tiny: Settings, topk: str) -> None:
+    _fake_registration(tiny)
+    resp = _client(tiny).post(f"/v1/models/tiny/predict?topk={topk}", data=make_image(1), headers=JPEG)
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "bad_request"
+
+
+def test_body_and_pixel_limits_are_413(tiny: Settings) -> None:
+    _fake_registration(tiny)
+    small_body = _client(tiny.replace(max_body_bytes=1000))
+    resp = small_body.post("/v1/models/tiny/predict", data=make_image(1, (640, 480)), headers=JPEG)
+    assert resp.status_code == 413 and resp.get_json()["error"]["code"] == "payload_too_large"
+    few_pixels = _client(tiny.replace(max_image_pixels=10_000))
+    resp = few_pixels.post("/v1/models/tiny/predict", data=make_image(1, (640, 480)), headers=JPEG)
+    assert resp.status_code == 413 and "pixels" in resp.get_json()["error"]["message"]
+
+
+def test_unknown_route_and_method_are_json(tiny: Settings) -> None:
+    client = _client(tiny)
+    assert client.get("/nope").get_json()["error"]["code"] == "not_found"
+    resp = client.get("/v1/models/tiny/predict")
+    assert resp.status_code == 405 and "error" in resp.get_json()
+
+
+def test_readiness_and_model_listing_follow_live_workers(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    client = _client(tiny.replace(model_cache_s=0.0))
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/v1/models").get_json() == {"models": []}
+    w = start_worker(max_batch_size=12)
+    wait_registered(r, tiny)
+    assert client.get("/readyz").status_code == 200
+    (model,) = client.get("/v1/models").get_json()["models"]
+    assert model["name"] == "tiny" and model["max_batch_size"] == 12 and model["live_workers"] == 1
+    assert model["input"]["shape"] == [8, 8, 3]
+    w.stop()  # a stopped worker unregisters
+    assert client.get("/readyz").status_code == 503
+
+
+def test_redis_down_is_a_fast_503(tiny: Settings) -> None:
+    s = tiny.replace(redis_url="redis://127.0.0.1:1/0")
+    client = _client(s)
+    t0 = time.monotonic()
+    resp = client.post("/v1/models/tiny/predict", data=make_image(1), headers=JPEG)
+    assert resp.status_code == 503 and resp.headers["Retry-After"]
+    assert time.monotonic() - t0 < 3
+    assert client.get("/readyz").status_code == 503
+
+
+def test_full_queue_is_503_with_retry_after(tiny: Settings, r: redis.Redis) -> None:
+    s = tiny.replace(max_queue_length=2, request_timeout_s=0.3)
+    _fake_registration(s)
+    client = _client(s)
+    codes = [client.post("/v1/models/tiny/predict", data=make_image(i), headers=JPEG).status_code for i in range(3)]
+    assert codes == [504, 504, 503]
+    assert r.llen(s.keys.queue("tiny")) == 2

@@ -1,0 +1,106 @@
+"""The worker's Redis I/O against a real redis-server: blocking pops, in-flight records, replies, recovery."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+
+from common.config import Settings
+from common.protocol import Request, TensorData, decode_reply, encode_request, now_ms
+from common.redisconn import connect
+from worker.broker import Outgoing, WorkerBroker
+
+FAR = now_ms() + 3_600_000
+
+
+def _frame(i: int, deadline_ms: int | None = None, model: str = "resnet18") -> bytes:
+    return encode_request(
+        Request(
+            id=f"req{i}",
+            model=model,
+            deadline_ms=deadline_ms or FAR,
+            input=TensorData("uint8", (1, 1, 3), bytes([i, i, i])),
+        )
+    )
+
+
+def _broker(settings: Settings, wid: str = "w1") -> WorkerBroker:
+    return WorkerBroker(connect(settings, 2.0), settings, wid)
+
+
+def test_take_blocks_until_a_frame_arrives_then_returns_at_once(settings: Settings, r: redis.Redis) -> None:
+    broker = _broker(settings)
+    pusher = threading.Timer(0.3, lambda: r.rpush(settings.keys.queue("resnet18"), _frame(1)))
+    t0 = time.monotonic()
+    pusher.start()
+    got = broker.take(8, block_s=5.0)
+    waited = time.monotonic() - t0
+    assert got == [_frame(1)]
+    assert 0.25 < waited < 2.0  # woke on the push, long before the 5 s block ran out
+
+
+def test_take_times_out_empty_on_an_idle_queue(settings: Settings) -> None:
+    t0 = time.monotonic()
+    assert _broker(settings).take(8, block_s=0.2) == []
+    assert time.monotonic() - t0 >= 0.19
+
+
+def test_take_moves_up_to_max_frames_into_the_inflight_list(settings: Settings, r: redis.Redis) -> None:
+    keys = settings.keys
+    frames = [_frame(i) for i in range(5)]
+    r.rpush(keys.queue("resnet18"), *frames)
+    got = _broker(settings).take(3, block_s=1.0)
+    assert got == frames[:3]
+    assert r.lrange(keys.inflight("w1"), 0, -1) == frames[:3]
+    assert r.lrange(keys.queue("resnet18"), 0, -1) == frames[3:]
+
+
+def test_send_replies_with_a_ttl_and_clears_the_inflight_record(settings: Settings, r: redis.Redis) -> None:
+    from common.protocol import Reply
+
+    keys = settings.keys
+    r.rpush(keys.queue("resnet18"), _frame(1), _frame(2))
+    broker = _broker(settings)
+    raws = broker.take(2, 1.0)
+    broker.send(
+        [Outgoing(raws[0], Reply("req1", True, result={"x": 1})), Outgoing(raws[1], None)],
+        {"requests": 2, "items": 1, "errors": 1},
+    )
+    assert r.llen(keys.inflight("w1")) == 0
+    assert 0 < r.pttl(keys.reply("req1")) <= settings.reply_ttl_s * 1000
+    assert decode_reply(r.lpop(keys.reply("req1"))).result == {"x": 1}
+    assert r.hgetall(keys.stats("resnet18")) == {b"requests": b"2", b"items": b"1", b"errors": b"1"}
+
+
+def test_dead_workers_frames_go_back_to_the_head_in_order_or_expire(settings: Settings, r: redis.Redis) -> None:
+    keys = settings.keys
+    q = keys.queue("resnet18")
+    r.rpush(q, _frame(9))  # newer work, already queued
+    dead = keys.inflight("dead-worker")
+    expired = _frame(3, deadline_ms=now_ms() - 1000)
+    r.rpush(dead, _frame(1), _frame(2), expired, b"\x00garbage")
+    live = _broker(settings, "live")
+    assert live.recover_dead() == 4
+    assert r.lrange(q, 0, -1) == [_frame(1), _frame(2), _frame(9)]
+    late = decode_reply(r.lpop(keys.reply("req3")))
+    assert not late.ok and late.error is not None and late.error["code"] == "deadline_exceeded"
+    assert r.exists(dead) == 0 and r.llen(keys.inflight("live")) == 0
+
+
+def test_a_live_workers_inflight_list_is_left_alone(settings: Settings, r: redis.Redis) -> None:
+    keys = settings.keys
+    other = _broker(settings, "other")
+    other.register({"model": "resnet18", "max_batch_size": 4, "spec": "{}"})
+    r.rpush(keys.inflight("other"), _frame(1))
+    assert _broker(settings, "me").recover_dead() == 0
+    assert r.llen(keys.inflight("other")) == 1
+
+
+def test_registration_expires_without_heartbeats(settings: Settings, r: redis.Redis) -> None:
+    s = settings.replace(worker_ttl_s=0.3)
+    _broker(s).register({"model": "m", "max_batch_size": 4, "spec": "{}"})
+    assert r.exists(s.keys.worker("w1"))
+    time.sleep(0.5)
+    assert not r.exists(s.keys.worker("w1"))

@@ -1,0 +1,130 @@
+"""The batching policy, driven by a fake source and a fake clock: no sleeps, no Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from worker.batching import Arrival, LocalBuffer, collect_batch
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeSource:
+    """Items that arrive at scheduled times; waiting advances the fake clock."""
+
+    def __init__(self, clock: FakeClock, schedule: Sequence[tuple[float, str]]) -> None:
+        self.clock = clock
+        self.pending = sorted(schedule)
+        self.waits: list[float] = []
+
+    def take(self, max_items: int, timeout_s: float) -> list[Arrival[str]]:
+        ready = [p for p in self.pending if p[0] <= self.clock.now]
+        if not ready and timeout_s > 0:
+            self.waits.append(timeout_s)
+            nxt = self.pending[0][0] if self.pending else None
+            if nxt is not None and nxt <= self.clock.now + timeout_s:
+                self.clock.now = nxt
+            else:
+                self.clock.now += timeout_s
+            ready = [p for p in self.pending if p[0] <= self.clock.now]
+        got = ready[:max_items]
+        for p in got:
+            self.pending.remove(p)
+        return [Arrival(item, t) for t, item in got]
+
+
+def run(schedule: Sequence[tuple[float, str]], max_size: int, window: float, idle: float = 1.0):
+    clock = FakeClock()
+    src = FakeSource(clock, schedule)
+    batch = collect_batch(src, max_size, window, clock, idle)
+    return batch, clock.now, src
+
+
+def test_never_more_than_max_size_and_oldest_first() -> None:
+    batch, _, src = run([(0.0, f"r{i}") for i in range(10)], max_size=4, window=0.01)
+    assert batch == ["r0", "r1", "r2", "r3"]
+    assert len(src.pending) == 6  # the rest stays for the next batch
+
+
+def test_full_batch_goes_at_once_without_waiting() -> None:
+    batch, now, src = run([(0.0, "a"), (0.0, "b"), (0.0, "c")], max_size=3, window=0.5)
+    assert batch == ["a", "b", "c"]
+    assert now == 0.0 and src.waits == []
+
+
+def test_batch_fills_from_late_arrivals_within_the_window() -> None:
+    batch, now, _ = run([(0.0, "a"), (0.002, "b"), (0.004, "c")], max_size=3, window=0.010)
+    assert batch == ["a", "b", "c"]
+    assert now == pytest.approx(0.004)  # went the moment it was full, not at the window's end
+
+
+def test_partial_batch_goes_when_the_window_closes() -> None:
+    batch, now, src = run([(0.0, "a"), (0.003, "b"), (0.050, "late")], max_size=8, window=0.010)
+    assert batch == ["a", "b"]
+    assert now == pytest.approx(0.010)
+    assert [item for _, item in src.pending] == ["late"]
+
+
+def test_window_counts_from_the_first_arrival_so_queued_items_do_not_wait() -> None:
+    # Both items arrived long before the worker looked (it was busy): nothing more is waited for.
+    clock = FakeClock()
+    clock.now = 1.0
+    src = FakeSource(clock, [(0.0, "a"), (0.1, "b")])
+    assert collect_batch(src, 8, 0.010, clock, 1.0) == ["a", "b"]
+    assert clock.now == 1.0
+
+
+def test_zero_window_takes_only_what_is_waiting() -> None:
+    batch, now, _ = run([(0.0, "a"), (0.0, "b"), (0.001, "c")], max_size=8, window=0.0)
+    assert batch == ["a", "b"]
+    assert now == 0.0
+
+
+def test_idle_source_produces_no_batch() -> None:
+    clock = FakeClock()
+    src = FakeSource(clock, [])
+    for _ in range(5):
+        assert collect_batch(src, 8, 0.005, clock, idle_timeout_s=0.5) == []
+    assert clock.now == pytest.approx(2.5)  # it blocked for the idle timeout each time; no spinning
+
+
+def test_first_item_is_waited_for_up_to_the_idle_timeout() -> None:
+    batch, now, _ = run([(0.3, "a")], max_size=4, window=0.0, idle=1.0)
+    assert batch == ["a"] and now == pytest.approx(0.3)
+
+
+def test_max_size_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        run([], max_size=0, window=0.0)
+
+
+def test_local_buffer_is_fifo_and_reports_room() -> None:
+    clock = FakeClock()
+    buf: LocalBuffer[str] = LocalBuffer(capacity=3, clock=clock)
+    assert buf.wait_for_room(0) == 3
+    buf.put(["a", "b"])
+    clock.now = 5.0
+    buf.put(["c"])
+    assert buf.wait_for_room(0) == 0
+    got = buf.take(2, 0)
+    assert [a.item for a in got] == ["a", "b"] and got[0].arrived_s == 0.0
+    assert buf.wait_for_room(0) == 2
+    assert [(a.item, a.arrived_s) for a in buf.take(5, 0)] == [("c", 5.0)]
+    assert buf.take(5, 0) == []
+
+
+def test_collect_batch_over_a_local_buffer() -> None:
+    clock = FakeClock()
+    buf: LocalBuffer[int] = LocalBuffer(capacity=10, clock=clock)
+    buf.put(list(range(7)))
+    clock.now = 1.0  # the window (from the first arrival at 0.0) has long closed
+    assert collect_batch(buf, 5, 0.01, clock, 0.1) == [0, 1, 2, 3, 4]
+    assert collect_batch(buf, 5, 0.01, clock, 0.1) == [5, 6]

@@ -1,0 +1,111 @@
+"""The API's torch-free preprocessing against torchvision's own preset, and hostile uploads."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torchvision.transforms import functional as F
+
+from api.images import open_image, to_model_input
+from common.errors import InvalidImage, PayloadTooLarge
+from tests.conftest import make_image
+from worker.handler import TorchvisionClassifier
+
+MAX_PIXELS = 40_000_000
+
+
+def _spec(arch: str) -> dict[str, object]:
+    return TorchvisionClassifier(arch, "random").spec.to_dict()
+
+
+def _reference_uint8(pil: Image.Image, arch: str) -> np.ndarray:
+    preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    img = F.resize(pil, preset.resize_size, interpolation=preset.interpolation, antialias=preset.antialias)
+    img = F.center_crop(img, preset.crop_size)
+    return F.pil_to_tensor(img).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b1", "inception_v3"])
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (97, 1013), (224, 224), (1000, 260)])
+def test_model_input_is_pixel_identical_to_the_torchvision_preset(arch: str, size: tuple[int, int]) -> None:
+    body = make_image(sum(size), size, "PNG")
+    spec = _spec(arch)
+    got = to_model_input(open_image(body, MAX_PIXELS), spec, MAX_PIXELS)
+    want = _reference_uint8(Image.open(io.BytesIO(body)).convert("RGB"), arch)
+    assert list(got.shape) == spec["shape"] == list(want.shape)
+    assert np.array_equal(np.frombuffer(got.data, np.uint8).reshape(got.shape), want)
+
+
+def test_worker_side_normalisation_matches_the_preset_tensor() -> None:
+    arch = "resnet18"
+    body = make_image(3, (640, 480))
+    handler = TorchvisionClassifier(arch, "random", channels_last=True)
+    handler.setup(torch.device("cpu"))
+    x = handler.preprocess([to_model_input(open_image(body, MAX_PIXELS), handler.spec.to_dict(), MAX_PIXELS)])
+    preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    want = preset(Image.open(io.BytesIO(body)).convert("RGB")).unsqueeze(0)
+    assert torch.allclose(x, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"),
+                                      ("LA", "PNG"), ("RGB", "WEBP"), ("1", "PNG")])  # fmt: skip
+def test_every_image_mode_becomes_rgb_model_input(mode: str, fmt: str) -> None:
+    body = make_image(7, (200, 150), fmt, mode)
+    got = to_model_input(open_image(body, MAX_PIXELS), _spec("resnet18"), MAX_PIXELS)
+    assert got.shape == (224, 224, 3) and len(got.data) == 224 * 224 * 3
+
+
+def test_animated_image_uses_its_first_frame() -> None:
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:])
+    got = to_model_input(open_image(buf.getvalue(), MAX_PIXELS), _spec("resnet18"), MAX_PIXELS)
+    pixels = np.frombuffer(got.data, np.uint8).reshape(got.shape)
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 60
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    body = make_image(1, (2000, 1500), "PNG")
+    with pytest.raises(PayloadTooLarge, match="2000x1500"):
+        open_image(body, max_pixels=1_000_000)
+
+
+def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
+    body = make_image(1, (20000, 2), "PNG")
+    im = open_image(body, MAX_PIXELS)
+    with pytest.raises(PayloadTooLarge, match="aspect"):
+        to_model_input(im, _spec("resnet18"), max_pixels=4_000_000)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"hello world", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"GIF89a" + b"\x00" * 100, b"%PDF-1.4 ..."],
+)
+def test_bodies_that_are_not_images_are_invalid(body: bytes) -> None:
+    with pytest.raises(InvalidImage):
+        to_model_input(open_image(body, MAX_PIXELS), _spec("resnet18"), MAX_PIXELS)
+
+
+def test_truncated_jpeg_is_invalid_not_a_crash() -> None:
+    body = make_image(5, (640, 480))
+    with pytest.raises(InvalidImage):
+        to_model_input(open_image(body[: len(body) // 2], MAX_PIXELS), _spec("resnet18"), MAX_PIXELS)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2048), st.integers(0, 4000))
+def test_fuzz_corrupted_images_are_invalid_or_decoded(noise: bytes, cut: int) -> None:
+    base = make_image(9, (64, 48), "PNG")
+    body = base[:cut] + noise + base[cut + len(noise) :]
+    try:
+        got = to_model_input(open_image(body, MAX_PIXELS), _spec("resnet18"), MAX_PIXELS)
+    except (InvalidImage, PayloadTooLarge):
+        return
+    assert len(got.data) == 224 * 224 * 3

@@ -1,0 +1,1 @@
+"""The batching worker: one process per device, owning the model."""

@@ -1,0 +1,139 @@
+"""The one class through which the worker talks to Redis.
+
+Every frame a worker takes is moved atomically from the model's queue into the worker's own
+in-flight list, and leaves it only in the same pipeline that sends its reply: a worker that dies
+leaves its unanswered frames in Redis, where a peer or its successor puts them back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import redis
+
+from common.config import Settings
+from common.errors import DeadlineExceeded, FrameError
+from common.protocol import Reply, decode_request, encode_reply, now_ms
+
+logger = logging.getLogger(__name__)
+
+# Move up to ARGV[1] frames from the head of the queue to the tail of the in-flight list, atomically.
+_TAKE_NOW = """
+local items = redis.call('LPOP', KEYS[1], ARGV[1])
+if not items then return {} end
+redis.call('RPUSH', KEYS[2], unpack(items))
+return items
+"""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A reply to send, and the raw frame it answers (to remove from the in-flight list)."""
+
+    raw: bytes
+    reply: Reply | None  # None: the frame had no reply address; it is only dropped
+
+
+class WorkerBroker:
+    def __init__(self, r: redis.Redis, settings: Settings, worker_id: str) -> None:
+        self._r = r
+        self._keys = settings.keys
+        self._model = settings.served_name
+        self._queue = self._keys.queue(self._model)
+        self._inflight = self._keys.inflight(worker_id)
+        self._worker_key = self._keys.worker(worker_id)
+        self._worker_id = worker_id
+        self._ttl_ms = int(settings.worker_ttl_s * 1000)
+        self._reply_ttl_ms = int(settings.reply_ttl_s * 1000)
+        self._take_now = r.register_script(_TAKE_NOW)
+
+    def take(self, max_items: int, block_s: float) -> list[bytes]:
+        """Block up to ``block_s`` for one frame, then take up to ``max_items - 1`` more at once.
+
+        Two round trips at most; every frame returned is already recorded in the in-flight list.
+        """
+        first = self._r.blmove(self._queue, self._inflight, block_s, "LEFT", "RIGHT")  # type: ignore[arg-type]
+        if first is None:
+            return []
+        out = [first]
+        if max_items > 1:
+            out.extend(self._take_now(keys=[self._queue, self._inflight], args=[max_items - 1]))
+        return cast(list[bytes], out)
+
+    def send(self, outgoing: Sequence[Outgoing], counters: Mapping[str, int]) -> None:
+        """Every reply (RPUSH + PEXPIRE), the in-flight removals and the counters in one round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        for o in outgoing:
+            if o.reply is not None:
+                key = self._keys.reply(o.reply.id)
+                pipe.rpush(key, encode_reply(o.reply))
+                pipe.pexpire(key, self._reply_ttl_ms)
+            pipe.lrem(self._inflight, 1, o.raw)  # type: ignore[arg-type]
+        stats_key = self._keys.stats(self._model)
+        for name, n in counters.items():
+            if n:
+                pipe.hincrby(stats_key, name, n)
+                pipe.hincrby(self._worker_key, name, n)
+        pipe.pexpire(self._worker_key, self._ttl_ms)
+        pipe.execute()
+
+    def register(self, fields: Mapping[str, str | int]) -> None:
+        """Create or renew this worker's hash with its TTL, and list it in the workers set."""
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(self._worker_key, mapping=dict(fields))  # type: ignore[arg-type]
+        pipe.pexpire(self._worker_key, self._ttl_ms)
+        pipe.sadd(self._keys.workers(), self._worker_id)
+        pipe.execute()
+
+    def unregister(self) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(self._worker_key)
+        pipe.srem(self._keys.workers(), self._worker_id)
+        pipe.execute()
+
+    def recover_dead(self) -> int:
+        """Hand back the frames of workers whose registration expired; returns how many.
+
+        Each frame moves atomically into this worker's own in-flight list first, so two
+        recovering peers never both take it. Then, in one transaction, it goes back to the head
+        of its queue (deadline not passed) or is answered with 504 (passed), and leaves the list.
+        """
+        moved = 0
+        for key in self._r.scan_iter(match=self._keys.inflight_pattern(), count=200):
+            k = key.decode() if isinstance(key, bytes) else key
+            wid = self._keys.worker_id_of_inflight(k)
+            if wid == self._worker_id or self._r.exists(self._keys.worker(wid)):
+                continue
+            while (raw := self._r.lmove(k, self._inflight, "RIGHT", "RIGHT")) is not None:
+                self._requeue_or_expire(cast(bytes, raw))
+                moved += 1
+        if moved:
+            logger.warning("recovered %d in-flight frames from dead workers", moved)
+        return moved
+
+    def _requeue_or_expire(self, raw: bytes) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        try:
+            req = decode_request(raw)
+        except FrameError as exc:
+            logger.warning("dropping an undecodable in-flight frame of a dead worker: %s", exc.message)
+            if exc.request_id:
+                key = self._keys.reply(exc.request_id)
+                pipe.rpush(key, encode_reply(Reply.failure(exc.request_id, exc)))
+                pipe.pexpire(key, self._reply_ttl_ms)
+        else:
+            if req.expired(now_ms()):
+                key = self._keys.reply(req.id)
+                err = DeadlineExceeded("deadline passed while its worker was down")
+                pipe.rpush(key, encode_reply(Reply.failure(req.id, err)))
+                pipe.pexpire(key, self._reply_ttl_ms)
+                pipe.hincrby(self._keys.stats(req.model), "expired", 1)
+            else:
+                # LPUSH: back at the head, ahead of newer work (frames come off the tail of the
+                # dead list newest first, so the oldest ends up first).
+                pipe.lpush(self._keys.queue(req.model), raw)
+        pipe.lrem(self._inflight, 1, raw)  # type: ignore[arg-type]
+        pipe.execute()

@@ -1,0 +1,170 @@
+"""The handler interface a model plugs in through, and the torchvision classifier that implements it.
+
+Contract (LitServe's and TorchServe's split): ``setup`` loads the model on a device, never
+``__init__``; ``preprocess`` turns a batch of input tensors into one device tensor; ``forward`` runs
+the model; ``postprocess`` returns exactly one result per input, in order. The worker owns
+``torch.inference_mode()`` and checks the count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torchvision
+
+from common.protocol import TensorData
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_TOPK = 100
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the API must send: a ``crop_size``² RGB uint8 image (HWC), made by resizing the shorter
+    side to ``resize_size`` with ``interpolation`` and center-cropping, as torchvision's
+    ``ImageClassification`` preset does. ``mean`` and ``std`` are applied in the worker."""
+
+    resize_size: int
+    crop_size: int
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.crop_size, self.crop_size, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["dtype"] = "uint8"
+        return d
+
+
+class Handler(Protocol):
+    spec: InputSpec
+
+    def setup(self, device: torch.device) -> None: ...
+
+    def preprocess(self, inputs: Sequence[TensorData]) -> torch.Tensor: ...
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def postprocess(self, output: torch.Tensor, params: Sequence[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def check_input(self, t: TensorData) -> str | None: ...
+
+
+class TorchvisionClassifier:
+    """Any torchvision classification architecture, with its preset's preprocessing and labels."""
+
+    def __init__(self, arch: str, weights: str, dtype: str = "float32", channels_last: bool = True) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        try:
+            self._meta_weights = torchvision.models.get_model_weights(arch).DEFAULT
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"unknown torchvision architecture {arch!r}: {exc}") from None
+        preset = self._meta_weights.transforms()
+        self.arch = arch
+        self.weights = weights
+        self.categories: list[str] = list(self._meta_weights.meta["categories"])
+        self.spec = InputSpec(
+            resize_size=int(preset.resize_size[0]),
+            crop_size=int(preset.crop_size[0]),
+            interpolation=str(preset.interpolation.value),
+            mean=tuple(float(m) for m in preset.mean),
+            std=tuple(float(s) for s in preset.std),
+        )
+        self.dtype = DTYPES[dtype]
+        self.channels_last = channels_last
+        self.weights_source = ""
+
+    def setup(self, device: torch.device) -> None:
+        model = self._load()
+        model.eval().to(device=device, dtype=self.dtype)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.device = device
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(self.spec.mean, device=device).view(shape)
+        self._std = torch.tensor(self.spec.std, device=device).view(shape)
+
+    def _load(self) -> torch.nn.Module:
+        w = self.weights
+        if w.lower() == "random":
+            return self._random()
+        if w.upper() in ("DEFAULT", "AUTO"):
+            try:
+                model: torch.nn.Module = torchvision.models.get_model(self.arch, weights="DEFAULT")
+                self.weights_source = "DEFAULT"
+                return model
+            except Exception as exc:
+                if w.upper() == "DEFAULT":
+                    raise RuntimeError(
+                        f"could not load pretrained weights for {self.arch} ({exc}); "
+                        "pass --weights PATH for a local state_dict, or --weights random"
+                    ) from exc
+                logger.warning("pretrained weights for %s unavailable (%s)", self.arch, exc)
+                return self._random()
+        model = self._build()
+        state = torch.load(w, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{w} does not hold a state_dict")
+        model.load_state_dict(state)
+        self.weights_source = w
+        return model
+
+    def _random(self) -> torch.nn.Module:
+        logger.warning(
+            "\n%s\n  %s is running with RANDOMLY INITIALISED weights: its predictions are MEANINGLESS.\n"
+            "  Use --weights DEFAULT (pretrained, needs the download) or --weights PATH (a state_dict).\n%s",
+            "!" * 78,
+            self.arch,
+            "!" * 78,
+        )
+        self.weights_source = "random"
+        return self._build()
+
+    def _build(self) -> torch.nn.Module:
+        model: torch.nn.Module = torchvision.models.get_model(self.arch, weights=None)
+        return model
+
+    def preprocess(self, inputs: Sequence[TensorData]) -> torch.Tensor:
+        host = torch.from_numpy(np.stack([np.frombuffer(t.data, dtype=np.uint8).reshape(t.shape) for t in inputs]))
+        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels_last strides
+        x = x.to(torch.float32).div_(255).sub_(self._mean).div_(self._std)
+        if not self.channels_last:
+            x = x.contiguous()
+        return x.to(self.dtype)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(batch)
+        return out
+
+    def postprocess(self, output: torch.Tensor, params: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        ks = [int(p.get("topk", 5)) for p in params]
+        k = min(max(ks), output.shape[1])
+        scores, indices = torch.topk(output.float().softmax(dim=1), k, dim=1)  # on the device
+        scores_l, indices_l = scores.cpu().tolist(), indices.cpu().tolist()
+        out = []
+        for s, i, ki in zip(scores_l, indices_l, ks):
+            out.append({"indices": i[:ki], "scores": s[:ki], "labels": [self._label(j) for j in i[:ki]]})
+        return out
+
+    def _label(self, index: int) -> str:
+        return self.categories[index] if index < len(self.categories) else str(index)
+
+    def check_input(self, t: TensorData) -> str | None:
+        """Why ``t`` cannot go into a batch, or None when it can."""
+        if t.dtype != "uint8" or tuple(t.shape) != self.spec.shape:
+            return f"input must be uint8 {list(self.spec.shape)}, got {t.dtype} {list(t.shape)}"
+        return None

@@ -1,0 +1,274 @@
+"""The worker: a collector thread fills a bounded local buffer from Redis while the main thread
+forms batches from it, runs one forward pass per batch and replies.
+
+Collecting batch k+1 thus overlaps the forward pass of batch k, and a batch window measured from
+the first item's arrival means items that queued while the model was busy go without waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import redis
+import torch
+
+from common.config import Settings
+from common.errors import (
+    DeadlineExceeded,
+    FrameError,
+    InferenceFailed,
+    InvalidImage,
+    ModelNotFound,
+    RedbatchError,
+)
+from common.protocol import Reply, Request, decode_request, now_ms
+from worker.batching import LocalBuffer, collect_batch
+from worker.broker import Outgoing, WorkerBroker
+from worker.handler import MAX_TOPK, Handler
+
+logger = logging.getLogger(__name__)
+
+BLOCK_S = 1.0  # longest a Redis pop blocks: bounds how late the worker notices a stop
+IDLE_S = 0.5
+RECOVER_EVERY_BEATS = 5
+
+
+@dataclass
+class _Item:
+    raw: bytes
+    req: Request
+
+
+class Worker:
+    def __init__(self, settings: Settings, handler: Handler, device: torch.device, r: redis.Redis) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.device = device
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.broker = WorkerBroker(r, settings, self.id)
+        self.buffer: LocalBuffer[bytes] = LocalBuffer(settings.max_batch_size)
+        self.stop = threading.Event()
+        self.started_ms = now_ms()
+        self.batches = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or ``self.stop``); finish and answer what was taken; return 0."""
+        self._retry_redis(self.broker.register, self._fields())
+        self._retry_redis(self.broker.recover_dead)
+        threads = [
+            threading.Thread(target=self._collect_loop, name="collector", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        logger.info(
+            "worker %s serving %s on %s (max batch %d, window %.1f ms)",
+            self.id,
+            self.settings.served_name,
+            self.device,
+            self.settings.max_batch_size,
+            self.settings.window_ms,
+        )
+        window_s = self.settings.window_ms / 1000.0
+        while not self.stop.is_set():
+            raws = collect_batch(self.buffer, self.settings.max_batch_size, window_s, time.monotonic, IDLE_S)
+            if raws:
+                self.process(raws)
+        threads[0].join()  # the collector takes nothing more once stop is set
+        self.buffer.close()
+        while leftover := [a.item for a in self.buffer.take(self.settings.max_batch_size, 0)]:
+            self.process(leftover)
+        self._retry_redis(self.broker.unregister, attempts=3)
+        logger.info("worker %s stopped after %d batches", self.id, self.batches)
+        return 0
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            if self.stop.is_set():
+                logger.warning("second signal: exiting at once")
+                os._exit(1)
+            logger.info("signal %d: finishing the current batch, then exiting", signum)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    # ---- threads ---------------------------------------------------------------------------
+
+    def _collect_loop(self) -> None:
+        backoff = 0.1
+        while not self.stop.is_set():
+            room = self.buffer.wait_for_room(IDLE_S)
+            if room == 0:
+                continue
+            try:
+                raws = self.broker.take(room, BLOCK_S)
+                backoff = 0.1
+            except redis.RedisError as exc:
+                logger.warning("collector: Redis error (%s); retrying in %.1fs", exc, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if raws:
+                self.buffer.put(raws)
+
+    def _heartbeat_loop(self) -> None:
+        beats = 0
+        while not self.stop.wait(self.settings.heartbeat_s):
+            beats += 1
+            try:
+                self.broker.register(self._fields())
+                if beats % RECOVER_EVERY_BEATS == 0:
+                    self.broker.recover_dead()
+            except redis.RedisError as exc:
+                logger.warning("heartbeat: Redis error (%s)", exc)
+
+    def _fields(self) -> dict[str, str | int]:
+        return {
+            "model": self.settings.served_name,
+            "arch": self.settings.model,
+            "device": str(self.device),
+            "dtype": self.settings.dtype,
+            "max_batch_size": self.settings.max_batch_size,
+            "window_ms": str(self.settings.window_ms),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_ms": self.started_ms,
+            "heartbeat_ms": now_ms(),
+            "spec": json.dumps(self.handler.spec.to_dict()),
+        }
+
+    # ---- one batch -------------------------------------------------------------------------
+
+    def process(self, raws: list[bytes]) -> None:
+        """Decode, drop what cannot run, run the rest as one forward pass, reply to every frame."""
+        out: list[Outgoing] = []
+        counts: Counter[str] = Counter(requests=len(raws))
+        items: list[_Item] = []
+        for raw in raws:
+            item_or_reply = self._admit(raw, counts)
+            if isinstance(item_or_reply, _Item):
+                items.append(item_or_reply)
+            else:
+                out.append(item_or_reply)
+        if items:
+            out.extend(self._run(items, counts))
+            counts["batches"] += 1
+            self.batches += 1
+        self._send(out, counts)
+
+    def _admit(self, raw: bytes, counts: Counter[str]) -> _Item | Outgoing:
+        try:
+            req = decode_request(raw)
+        except FrameError as exc:
+            counts["errors"] += 1
+            logger.warning("dropping a bad frame: %s", exc.message)
+            reply = Reply.failure(exc.request_id, exc) if exc.request_id else None
+            return Outgoing(raw, reply)
+        err: RedbatchError | None = None
+        if req.expired():
+            counts["expired"] += 1
+            err = DeadlineExceeded("deadline passed before the request reached the model")
+            logger.warning("request %s expired in the queue; skipped", req.id)
+        elif req.model != self.settings.served_name:
+            err = ModelNotFound(f"this worker serves {self.settings.served_name!r}, not {req.model!r}")
+        elif (why := self.handler.check_input(req.input)) is not None:
+            err = InvalidImage(why)
+        elif not _valid_topk(req.params.get("topk", 5)):
+            err = InvalidImage(f"topk must be an integer from 1 to {MAX_TOPK}")
+        if err is None:
+            return _Item(raw, req)
+        if not isinstance(err, DeadlineExceeded):
+            counts["errors"] += 1
+        return Outgoing(raw, Reply.failure(req.id, err))
+
+    def _run(self, items: list[_Item], counts: Counter[str]) -> list[Outgoing]:
+        """One forward pass; if it raises, split the batch in halves so only the culprit fails."""
+        start_ms = now_ms()
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                x = self.handler.preprocess([it.req.input for it in items])
+                results = self.handler.postprocess(self.handler.forward(x), [it.req.params for it in items])
+            if len(results) != len(items):
+                raise RuntimeError(f"handler returned {len(results)} results for {len(items)} inputs")
+        except Exception:
+            if len(items) == 1:
+                logger.exception("inference failed for request %s", items[0].req.id)
+                counts["errors"] += 1
+                err = InferenceFailed("the model failed on this input")
+                return [Outgoing(items[0].raw, Reply.failure(items[0].req.id, err))]
+            logger.exception("batch of %d failed; retrying in halves", len(items))
+            mid = len(items) // 2
+            return self._run(items[:mid], counts) + self._run(items[mid:], counts)
+        infer_ms = (time.perf_counter() - t0) * 1000.0
+        counts["items"] += len(items)
+        logger.debug("batch of %d in %.1f ms", len(items), infer_ms)
+        return [
+            Outgoing(
+                it.raw,
+                Reply(
+                    id=it.req.id,
+                    ok=True,
+                    result=res,
+                    meta={
+                        "worker": self.id,
+                        "batch_size": len(items),
+                        "queue_ms": max(start_ms - it.req.sent_ms, 0) if it.req.sent_ms else 0,
+                        "infer_ms": round(infer_ms, 3),
+                    },
+                ),
+            )
+            for it, res in zip(items, results)
+        ]
+
+    def _send(self, out: list[Outgoing], counts: Counter[str]) -> None:
+        if not out:
+            return
+        # Replies outlive a short Redis outage: retry for up to one request timeout.
+        backoff = 0.05
+        give_up_ms = now_ms() + int(self.settings.request_timeout_s * 1000)
+        while True:
+            try:
+                self.broker.send(out, counts)
+                return
+            except redis.RedisError as exc:
+                if now_ms() > give_up_ms:
+                    logger.error("could not reply to %d requests (%s); they stay in flight", len(out), exc)
+                    return
+                logger.warning("reply failed (%s); retrying in %.2fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _retry_redis(self, fn: Callable[..., Any], *args: Any, attempts: int = 0) -> Any:
+        """Call ``fn`` until Redis answers (``attempts`` 0: until stopped), with backoff."""
+        backoff, n = 0.2, 0
+        while True:
+            try:
+                return fn(*args)
+            except redis.RedisError as exc:
+                n += 1
+                if (attempts and n >= attempts) or self.stop.is_set():
+                    logger.warning("giving up on %s: %s", getattr(fn, "__name__", fn), exc)
+                    return None
+                logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+def _valid_topk(k: Any) -> bool:
+    return isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_TOPK
