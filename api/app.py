@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -15,6 +16,7 @@ from common.errors import (
     BadRequest,
     PayloadTooLarge,
     RedbatchError,
+    Unauthorized,
     UnsupportedMediaType,
     error_from_wire,
 )
@@ -38,8 +40,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXTENSION] = {"settings": settings, "queue": QueueClient(settings)}
     app.register_blueprint(bp)
+    if settings.api_key_list:
+        app.before_request(_require_api_key)
     app.register_error_handler(RedbatchError, _on_error)
     app.register_error_handler(HTTPException, _on_http_error)
+    app.register_error_handler(Exception, _on_bug)
     return app
 
 
@@ -57,6 +62,7 @@ def _queue() -> QueueClient:
 def predict(model: str) -> ResponseReturnValue:
     settings = _settings()
     received_ms = now_ms()
+    deadline_ms = _deadline_ms(received_ms)
     topk = _topk(request.args.get("topk"))
     body = _image_body()
     info = _queue().model(model)
@@ -65,7 +71,7 @@ def predict(model: str) -> ResponseReturnValue:
     req = Request(
         id=new_request_id(),
         model=model,
-        deadline_ms=received_ms + int(settings.request_timeout_s * 1000),
+        deadline_ms=deadline_ms,
         input=tensor,
         params={"topk": topk},
         sent_ms=now_ms(),
@@ -109,6 +115,36 @@ def readyz() -> ResponseReturnValue:
     return jsonify(status="ready", models=sorted(models))
 
 
+def _require_api_key() -> None:
+    """With keys configured, every /v1 route needs ``Authorization: Bearer <key>``; probes do not."""
+    if not request.path.startswith("/v1/"):
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # Compare against every key, always: constant time in the key presented and in which one matched.
+    matched = False
+    for key in _settings().api_key_list:
+        matched |= hmac.compare_digest(presented, key.encode())
+    if not matched:
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def _deadline_ms(received_ms: int) -> int:
+    """The request's deadline: the configured timeout, or shorter if the client asks for it."""
+    limit_ms = int(_settings().request_timeout_s * 1000)
+    raw = request.headers.get("X-Request-Timeout-Ms")
+    if raw is None:
+        return received_ms + limit_ms
+    try:
+        asked = int(raw)
+    except ValueError:
+        raise BadRequest(f"X-Request-Timeout-Ms must be a positive integer, not {raw[:20]!r}") from None
+    if asked < 1:
+        raise BadRequest("X-Request-Timeout-Ms must be a positive integer")
+    return received_ms + min(asked, limit_ms)
+
+
 def _topk(raw: str | None) -> int:
     if raw is None:
         return 5
@@ -146,6 +182,8 @@ def _on_error(exc: RedbatchError) -> ResponseReturnValue:
     resp.status_code = exc.status
     if exc.status == 503:
         resp.headers["Retry-After"] = "1"
+    if exc.status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="redbatch"'
     return resp
 
 
@@ -155,4 +193,11 @@ def _on_http_error(exc: HTTPException) -> ResponseReturnValue:
     code = (exc.name or "error").lower().replace(" ", "_")
     resp = jsonify(error={"code": code, "message": exc.description or exc.name})
     resp.status_code = exc.code or 500
+    return resp
+
+
+def _on_bug(exc: Exception) -> ResponseReturnValue:
+    logger.exception("unhandled error")
+    resp = jsonify(error={"code": "internal", "message": "internal error; the server log has details"})
+    resp.status_code = 500
     return resp

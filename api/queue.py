@@ -96,7 +96,7 @@ class QueueClient:
             raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         if got is None:
             # The worker may still answer; its reply key carries a TTL and expires unread.
-            raise DeadlineExceeded(f"no reply within the deadline of {self._settings.request_timeout_s:g}s")
+            raise DeadlineExceeded("no reply before the request's deadline")
         return decode_reply(cast(bytes, got[1]))
 
 

@@ -26,6 +26,7 @@ _HELP = {
     "max_body_bytes": "largest request body the API reads (413 above)",
     "max_image_pixels": "largest image, in pixels, the API decodes (413 above)",
     "model_cache_s": "how long an API process caches the list of live models",
+    "api_keys": "comma-separated keys; when set, /v1 routes need 'Authorization: Bearer KEY'",
     "bind": "HOST:PORT the API listens on",
     "api_workers": "gunicorn worker processes",
     "api_threads": "threads per gunicorn process (each holds one waiting request)",
@@ -47,7 +48,7 @@ _HELP = {
 # Which settings each command takes as flags (kept here so that reading them never imports torch).
 API_FLAGS = (
     "redis_url", "prefix", "bind", "api_workers", "api_threads", "request_timeout_s", "reply_ttl_s",
-    "max_queue_length", "max_body_bytes", "max_image_pixels", "model_cache_s", "log_level",
+    "max_queue_length", "max_body_bytes", "max_image_pixels", "model_cache_s", "api_keys", "log_level",
 )  # fmt: skip
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
@@ -67,6 +68,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     model_cache_s: float = 1.0
+    api_keys: str = ""
     bind: str = "127.0.0.1:8000"
     api_workers: int = 2
     api_threads: int = 64
@@ -97,9 +99,19 @@ class Settings:
                 values[f.name] = _parse(f.name, f.type, raw)
         return cls(**values)
 
+    def __repr__(self) -> str:  # never print secrets: keys, and a password inside the Redis URL
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["api_keys"] = f"<{len(self.api_key_list)} keys>"
+        shown["redis_url"] = redact_url(self.redis_url)
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
     def replace(self, **overrides: Any) -> Settings:
         """A copy with the given fields changed; ``None`` values are ignored (flags not given)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     @property
     def keys(self) -> Keys:
@@ -126,6 +138,14 @@ def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
     names = {f.name for f in fields(Settings)}
     return Settings.from_env(env).replace(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user and password replaced by ``***``."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def _caster(type_name: Any) -> Any:

@@ -25,7 +25,8 @@ class WorkerInfo:
 
 
 def live_workers(r: redis.Redis, keys: Keys) -> list[WorkerInfo]:
-    """Every live worker; forgets the ids of dead ones as a side effect (SREM)."""
+    """Every live worker. Dead ids stay in the set: the worker that recovers their in-flight frames
+    removes them, so that no dead worker's frames are forgotten."""
     ids = sorted(_s(m) for m in r.smembers(keys.workers()))
     if not ids:
         return []
@@ -34,16 +35,10 @@ def live_workers(r: redis.Redis, keys: Keys) -> list[WorkerInfo]:
         pipe.hgetall(keys.worker(wid))
     hashes = pipe.execute()
     out: list[WorkerInfo] = []
-    dead: list[str] = []
     for wid, h in zip(ids, hashes):
-        fields = {_s(k): _s(v) for k, v in h.items()}
-        info = _parse(wid, fields)
-        if info is None:
-            dead.append(wid)
-        else:
+        info = _parse(wid, {_s(k): _s(v) for k, v in h.items()})
+        if info is not None:
             out.append(info)
-    if dead:
-        r.srem(keys.workers(), *dead)
     return out
 
 

@@ -24,7 +24,7 @@ from types import FrameType
 
 import redis
 
-from common.config import API_FLAGS, ENV_PREFIX, WORKER_FLAGS, Settings, add_flags
+from common.config import API_FLAGS, ENV_PREFIX, WORKER_FLAGS, Settings, add_flags, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def _redis(settings: Settings, stack: Stack) -> Settings:
     explicit = os.environ.get("REDIS_URL") or os.environ.get(ENV_PREFIX + "REDIS_URL")
     if explicit and _answers(settings.redis_url):
-        logger.info("using Redis at %s", _redact(settings.redis_url))
+        logger.info("using Redis at %s", redact_url(settings.redis_url))
         return settings
     if explicit:
         logger.warning("REDIS_URL does not answer; starting a private redis-server instead")
@@ -171,20 +171,13 @@ def _wait_ready(url: str, stack: Stack, timeout_s: float) -> bool:
 def _banner(url: str, settings: Settings) -> None:
     model = settings.served_name
     print(
-        f"\nredbatch is up: {url}  (model {model}, Redis {_redact(settings.redis_url)})\n"
+        f"\nredbatch is up: {url}  (model {model}, Redis {redact_url(settings.redis_url)})\n"
         "try:\n  curl -s -H 'Content-Type: image/jpeg' --data-binary @your.jpg "
         f"'{url}/v1/models/{model}/predict?topk=3'\n"
         "Ctrl-C stops everything.\n",
         file=sys.stderr,
         flush=True,
     )
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
 def free_port() -> int:

@@ -94,22 +94,29 @@ class WorkerBroker:
         pipe.srem(self._keys.workers(), self._worker_id)
         pipe.execute()
 
-    def recover_dead(self) -> int:
+    def recover_dead(self, scan: bool = False) -> int:
         """Hand back the frames of workers whose registration expired; returns how many.
 
-        Each frame moves atomically into this worker's own in-flight list first, so two
-        recovering peers never both take it. Then, in one transaction, it goes back to the head
-        of its queue (deadline not passed) or is answered with 504 (passed), and leaves the list.
+        Dead workers are found through the registry set (cheap, every heartbeat); ``scan`` also
+        walks the keyspace for in-flight lists of workers the set no longer names. Each frame moves
+        atomically into this worker's own in-flight list first, so two recovering peers never both
+        take it; then, in one transaction, it goes back to the head of its queue (deadline not
+        passed) or is answered with 504 (passed), and leaves the list.
         """
+        ids = {_text(m) for m in self._r.smembers(self._keys.workers())}
+        if scan:
+            pattern = self._keys.inflight_pattern()
+            ids |= {self._keys.worker_id_of_inflight(_text(k)) for k in self._r.scan_iter(match=pattern, count=500)}
+        ids.discard(self._worker_id)
         moved = 0
-        for key in self._r.scan_iter(match=self._keys.inflight_pattern(), count=200):
-            k = key.decode() if isinstance(key, bytes) else key
-            wid = self._keys.worker_id_of_inflight(k)
-            if wid == self._worker_id or self._r.exists(self._keys.worker(wid)):
+        for wid in sorted(ids):
+            if self._r.exists(self._keys.worker(wid)):
                 continue
-            while (raw := self._r.lmove(k, self._inflight, "RIGHT", "RIGHT")) is not None:
+            dead_list = self._keys.inflight(wid)
+            while (raw := self._r.lmove(dead_list, self._inflight, "RIGHT", "RIGHT")) is not None:
                 self._requeue_or_expire(cast(bytes, raw))
                 moved += 1
+            self._r.srem(self._keys.workers(), wid)
         if moved:
             logger.warning("recovered %d in-flight frames from dead workers", moved)
         return moved
@@ -137,3 +144,7 @@ class WorkerBroker:
                 pipe.lpush(self._keys.queue(req.model), raw)
         pipe.lrem(self._inflight, 1, raw)  # type: ignore[arg-type]
         pipe.execute()
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK_S = 1.0  # longest a Redis pop blocks: bounds how late the worker notices a stop
 IDLE_S = 0.5
-RECOVER_EVERY_BEATS = 5
+RESCAN_EVERY_BEATS = 30  # the registry set finds dead peers; a keyspace SCAN now and then finds orphans
 
 
 @dataclass
@@ -58,7 +58,10 @@ class Worker:
         self.device = device
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.broker = WorkerBroker(r, settings, self.id)
-        self.buffer: LocalBuffer[bytes] = LocalBuffer(settings.max_batch_size)
+        self.buffer: LocalBuffer[_Item] = LocalBuffer(settings.max_batch_size)
+        self.batch_cap = settings.max_batch_size  # lowered after an out-of-memory error
+        self._unsent: Counter[str] = Counter()
+        self._unsent_lock = threading.Lock()
         self.stop = threading.Event()
         self.started_ms = now_ms()
         self.batches = 0
@@ -68,7 +71,7 @@ class Worker:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or ``self.stop``); finish and answer what was taken; return 0."""
         self._retry_redis(self.broker.register, self._fields())
-        self._retry_redis(self.broker.recover_dead)
+        self._retry_redis(self.broker.recover_dead, True)
         threads = [
             threading.Thread(target=self._collect_loop, name="collector", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
@@ -85,12 +88,12 @@ class Worker:
         )
         window_s = self.settings.window_ms / 1000.0
         while not self.stop.is_set():
-            raws = collect_batch(self.buffer, self.settings.max_batch_size, window_s, time.monotonic, IDLE_S)
-            if raws:
-                self.process(raws)
+            items = collect_batch(self.buffer, self.batch_cap, window_s, time.monotonic, IDLE_S)
+            if items:
+                self.process(items)
         threads[0].join()  # the collector takes nothing more once stop is set
         self.buffer.close()
-        while leftover := [a.item for a in self.buffer.take(self.settings.max_batch_size, 0)]:
+        while leftover := [a.item for a in self.buffer.take(self.batch_cap, 0)]:
             self.process(leftover)
         self._retry_redis(self.broker.unregister, attempts=3)
         logger.info("worker %s stopped after %d batches", self.id, self.batches)
@@ -124,7 +127,21 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if raws:
-                self.buffer.put(raws)
+                self.buffer.put(self._admit_all(raws))
+
+    def _admit_all(self, raws: list[bytes]) -> list[_Item]:
+        """Decode and check frames as they are popped; answer the ones that cannot run right away."""
+        counts: Counter[str] = Counter(requests=len(raws))
+        items: list[_Item] = []
+        rejected: list[Outgoing] = []
+        for raw in raws:
+            got = self._admit(raw, counts)
+            if isinstance(got, _Item):
+                items.append(got)
+            else:
+                rejected.append(got)
+        self._send(rejected, counts)
+        return items
 
     def _heartbeat_loop(self) -> None:
         beats = 0
@@ -132,8 +149,7 @@ class Worker:
             beats += 1
             try:
                 self.broker.register(self._fields())
-                if beats % RECOVER_EVERY_BEATS == 0:
-                    self.broker.recover_dead()
+                self.broker.recover_dead(scan=beats % RESCAN_EVERY_BEATS == 0)
             except redis.RedisError as exc:
                 logger.warning("heartbeat: Redis error (%s)", exc)
 
@@ -144,6 +160,7 @@ class Worker:
             "device": str(self.device),
             "dtype": self.settings.dtype,
             "max_batch_size": self.settings.max_batch_size,
+            "batch_cap": self.batch_cap,
             "window_ms": str(self.settings.window_ms),
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -154,19 +171,22 @@ class Worker:
 
     # ---- one batch -------------------------------------------------------------------------
 
-    def process(self, raws: list[bytes]) -> None:
-        """Decode, drop what cannot run, run the rest as one forward pass, reply to every frame."""
+    def process(self, items: list[_Item]) -> None:
+        """Drop what expired while buffered, run the rest as one forward pass, reply to every item."""
+        counts: Counter[str] = Counter()
         out: list[Outgoing] = []
-        counts: Counter[str] = Counter(requests=len(raws))
-        items: list[_Item] = []
-        for raw in raws:
-            item_or_reply = self._admit(raw, counts)
-            if isinstance(item_or_reply, _Item):
-                items.append(item_or_reply)
+        live: list[_Item] = []
+        at_ms = now_ms()
+        for it in items:
+            if it.req.expired(at_ms):
+                counts["expired"] += 1
+                logger.warning("request %s expired before its forward pass; skipped", it.req.id)
+                err = DeadlineExceeded("deadline passed before the request reached the model")
+                out.append(Outgoing(it.raw, Reply.failure(it.req.id, err)))
             else:
-                out.append(item_or_reply)
-        if items:
-            out.extend(self._run(items, counts))
+                live.append(it)
+        if live:
+            out.extend(self._run(live, counts))
             counts["batches"] += 1
             self.batches += 1
         self._send(out, counts)
@@ -206,7 +226,9 @@ class Worker:
                 results = self.handler.postprocess(self.handler.forward(x), [it.req.params for it in items])
             if len(results) != len(items):
                 raise RuntimeError(f"handler returned {len(results)} results for {len(items)} inputs")
-        except Exception:
+        except Exception as exc:
+            if _is_oom(exc):
+                self._lower_cap(len(items))
             if len(items) == 1:
                 logger.exception("inference failed for request %s", items[0].req.id)
                 counts["errors"] += 1
@@ -236,9 +258,23 @@ class Worker:
             for it, res in zip(items, results)
         ]
 
+    def _lower_cap(self, failed_size: int) -> None:
+        new_cap = max(1, min(self.batch_cap, failed_size) // 2)
+        if new_cap < self.batch_cap:
+            logger.warning("out of device memory at batch %d: batch cap lowered to %d", failed_size, new_cap)
+            self.batch_cap = new_cap
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _send(self, out: list[Outgoing], counts: Counter[str]) -> None:
-        if not out:
-            return
+        """Reply to ``out`` and add ``counts`` to the stats; counts with no reply to ride on wait
+        for the next round trip instead of costing one of their own."""
+        with self._unsent_lock:
+            if not out:
+                self._unsent.update(counts)
+                return
+            counts = counts + self._unsent
+            self._unsent.clear()
         # Replies outlive a short Redis outage: retry for up to one request timeout.
         backoff = 0.05
         give_up_ms = now_ms() + int(self.settings.request_timeout_s * 1000)
@@ -268,6 +304,11 @@ class Worker:
                 logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom)
 
 
 def _valid_topk(k: Any) -> bool:

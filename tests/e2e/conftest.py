@@ -51,9 +51,12 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Service:
-    def __init__(self, redis_url: str, weights: Path, logdir: Path, **worker_flags: str) -> None:
+    """``redbatch api`` and one or more ``redbatch worker`` processes under a key prefix of their own."""
+
+    def __init__(self, redis_url: str, weights: Path, logdir: Path, env: dict[str, str] | None = None,
+                 workers: int = 1, **worker_flags: str) -> None:  # fmt: skip
         self.prefix = f"e2e{uuid.uuid4().hex[:8]}"
-        self.env = {**os.environ, "REDBATCH_REDIS_URL": redis_url, "REDBATCH_PREFIX": self.prefix}
+        self.env = {**os.environ, "REDBATCH_REDIS_URL": redis_url, "REDBATCH_PREFIX": self.prefix, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logdir = logdir
@@ -61,32 +64,49 @@ class Service:
         self.worker_cmd = [sys.executable, "-m", "common.cli", "worker", "--model", ARCH, "--weights", str(weights),
                            "--device", "cpu", *[x for kv in flags.items() for x in kv]]  # fmt: skip
         self.api = self._spawn("api", ["api", "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "48"])
-        self.worker = self._spawn("worker", self.worker_cmd[3:])
+        self.workers = [self.start_worker() for _ in range(workers)]
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{name}-{uuid.uuid4().hex[:4]}.log", "wb")  # noqa: SIM115
-        return subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args], env=self.env, stdout=log, stderr=log, cwd=ROOT
-        )
+        cmd = [sys.executable, "-m", "common.cli", *args]
+        return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log, cwd=ROOT)
 
-    def wait_ready(self, timeout_s: float = 120) -> None:
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        proc = self._spawn("worker", self.worker_cmd[3:])
+        return proc
+
+    @property
+    def worker(self) -> subprocess.Popen[bytes]:
+        return self.workers[0]
+
+    def predict_url(self) -> str:
+        return f"{self.url}/v1/models/{ARCH}/predict"
+
+    def wait_ready(self, timeout_s: float = 120, workers: int | None = None) -> None:
+        """Until /readyz answers 200 and ``workers`` (default: all started) are registered."""
+        want = len([p for p in self.workers if p.poll() is None]) if workers is None else workers
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for p in (self.api, self.worker):
-                assert p.poll() is None, f"a process exited early; logs in {self.logdir}"
+            assert self.api.poll() is None, f"the API exited early; logs in {self.logdir}"
             try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                ready = requests.get(self.url + "/readyz", timeout=1).status_code == 200
+                if ready and self.live_workers() >= want:
                     return
             except requests.ConnectionError:
                 pass
             time.sleep(0.2)
         raise AssertionError(f"service not ready; logs in {self.logdir}")
 
+    def live_workers(self) -> int:
+        models = requests.get(self.url + "/v1/models", timeout=2).json()["models"]
+        return sum(m["live_workers"] for m in models)
+
     def stop(self) -> None:
-        for p in (self.worker, self.api):
+        procs = [*self.workers, self.api]
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in (self.worker, self.api):
+        for p in procs:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:

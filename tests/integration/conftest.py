@@ -59,9 +59,20 @@ def expected_top1(pixel_value: int) -> int:
     return min(range(10), key=lambda c: abs(pixel_value - 25.5 * c))
 
 
+class OomHandler(TinyHandler):
+    """Runs out of device memory on any batch larger than ``fits``."""
+
+    fits = 3
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().forward(batch)
+
+
 class RunningWorker:
-    def __init__(self, settings: Settings) -> None:
-        self.handler = TinyHandler()
+    def __init__(self, settings: Settings, handler: TinyHandler | None = None) -> None:
+        self.handler = handler or TinyHandler()
         self.handler.setup(torch.device("cpu"))
         self.worker = Worker(settings, self.handler, torch.device("cpu"), connect(settings, BLOCK_S))
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
@@ -78,8 +89,9 @@ class RunningWorker:
 def start_worker(settings: Settings) -> Iterator[Callable[..., RunningWorker]]:
     started: list[RunningWorker] = []
 
-    def start(**overrides: Any) -> RunningWorker:
-        w = RunningWorker(settings.replace(**{"model": "tiny", "request_timeout_s": 5.0, **overrides}))
+    def start(handler: TinyHandler | None = None, **overrides: Any) -> RunningWorker:
+        s = settings.replace(**{"model": "tiny", "request_timeout_s": 5.0, **overrides})
+        w = RunningWorker(s, handler)
         started.append(w)
         return w
 

@@ -17,7 +17,14 @@ from api.app import create_app
 from common.config import Settings
 from common.protocol import decode_request
 from tests.conftest import make_image
-from tests.integration.conftest import POISON, RunningWorker, TinyHandler, expected_top1, wait_registered
+from tests.integration.conftest import (
+    POISON,
+    OomHandler,
+    RunningWorker,
+    TinyHandler,
+    expected_top1,
+    wait_registered,
+)
 from worker.broker import WorkerBroker
 
 JPEG = {"Content-Type": "image/jpeg"}
@@ -235,3 +242,61 @@ def test_full_queue_is_503_with_retry_after(tiny: Settings, r: redis.Redis) -> N
     codes = [client.post("/v1/models/tiny/predict", data=make_image(i), headers=JPEG).status_code for i in range(3)]
     assert codes == [504, 504, 503]
     assert r.llen(s.keys.queue("tiny")) == 2
+
+
+def test_api_keys_guard_v1_routes_but_not_probes(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
+    start_worker()
+    client = _client(tiny.replace(api_keys="k-one, k-two"))
+    url = "/v1/models/tiny/predict"
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k-one"}, {"Authorization": "k-one"}):
+        resp = client.post(url, data=_solid(50), headers={**JPEG, **headers})
+        assert resp.status_code == 401 and resp.get_json()["error"]["code"] == "unauthorized"
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert client.get("/v1/models").status_code == 401
+    for key in ("k-one", "k-two"):
+        resp = client.post(url, data=_solid(50), headers={**JPEG, "Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_client_can_shorten_its_deadline_but_not_extend_it(tiny: Settings) -> None:
+    s = tiny.replace(request_timeout_s=1.0)
+    _fake_registration(s)
+    client = _client(s)
+    t0 = time.monotonic()
+    resp = client.post("/v1/models/tiny/predict", data=_solid(1), headers={**JPEG, "X-Request-Timeout-Ms": "200"})
+    assert resp.status_code == 504 and time.monotonic() - t0 < 0.8
+    t0 = time.monotonic()
+    resp = client.post("/v1/models/tiny/predict", data=_solid(1), headers={**JPEG, "X-Request-Timeout-Ms": "60000"})
+    assert resp.status_code == 504 and 0.9 < time.monotonic() - t0 < 2.0
+    for bad in ("0", "-5", "soon"):
+        resp = client.post("/v1/models/tiny/predict", data=_solid(1), headers={**JPEG, "X-Request-Timeout-Ms": bad})
+        assert resp.status_code == 400
+
+
+def test_settings_never_show_secrets() -> None:
+    s = Settings(redis_url="rediss://user:hunter2@redis.example:6380/0", api_keys="sekret")
+    text = repr(s)
+    assert "hunter2" not in text and "sekret" not in text and "redis.example:6380" in text
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_the_cap(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    w = start_worker(handler=OomHandler(), max_batch_size=16, window_ms=100)
+    app = create_app(tiny)
+
+    def one(v: int) -> tuple[int, int, int]:
+        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
+        body = resp.get_json()
+        return v, resp.status_code, body["predictions"][0]["index"] if resp.status_code == 200 else -1
+
+    with ThreadPoolExecutor(12) as ex:
+        results = list(ex.map(one, [i * 20 for i in range(12)]))
+    assert all(status == 200 and idx == expected_top1(v) for v, status, idx in results)
+    assert w.worker.batch_cap <= OomHandler.fits and w.thread.is_alive()
+    assert max(w.handler.batch_sizes) <= OomHandler.fits
+    deadline = time.monotonic() + 5
+    while int(r.hget(tiny.keys.worker(w.worker.id), "batch_cap") or 0) != w.worker.batch_cap:
+        assert time.monotonic() < deadline  # the heartbeat publishes the lowered cap
+        time.sleep(0.05)

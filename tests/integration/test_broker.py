@@ -82,7 +82,7 @@ def test_dead_workers_frames_go_back_to_the_head_in_order_or_expire(settings: Se
     expired = _frame(3, deadline_ms=now_ms() - 1000)
     r.rpush(dead, _frame(1), _frame(2), expired, b"\x00garbage")
     live = _broker(settings, "live")
-    assert live.recover_dead() == 4
+    assert live.recover_dead(scan=True) == 4
     assert r.lrange(q, 0, -1) == [_frame(1), _frame(2), _frame(9)]
     late = decode_reply(r.lpop(keys.reply("req3")))
     assert not late.ok and late.error is not None and late.error["code"] == "deadline_exceeded"
@@ -104,3 +104,19 @@ def test_registration_expires_without_heartbeats(settings: Settings, r: redis.Re
     assert r.exists(s.keys.worker("w1"))
     time.sleep(0.5)
     assert not r.exists(s.keys.worker("w1"))
+
+
+def test_a_registered_worker_that_stops_heartbeating_is_recovered_and_forgotten(
+    settings: Settings, r: redis.Redis
+) -> None:
+    keys = settings.keys
+    short = settings.replace(worker_ttl_s=0.2)
+    _broker(short, "doomed").register({"model": "resnet18", "max_batch_size": 4, "spec": "{}"})
+    r.rpush(keys.queue("resnet18"), _frame(1))
+    assert _broker(short, "doomed").take(4, 1.0) == [_frame(1)]
+    survivor = _broker(settings, "survivor")
+    assert survivor.recover_dead() == 0  # still registered: its frames are its own
+    time.sleep(0.3)  # no heartbeat: the registration expires
+    assert survivor.recover_dead() == 1  # found through the registry set, no keyspace scan
+    assert r.lrange(keys.queue("resnet18"), 0, -1) == [_frame(1)]
+    assert b"doomed" not in r.smembers(keys.workers())
