@@ -28,18 +28,20 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server on a free port; ``stop``/``start`` keep the port (outage tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: tuple[str, ...] = (), tls: bool = False, url: str = "") -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server is not on PATH (.ci/run installs it)")
         self.exe = exe
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = (url or "redis://127.0.0.1:{port}/0").format(port=self.port)
+        self.ports = ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self.exe, *self.ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *self.extra_args],
             stdout=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
