@@ -1,4 +1,4 @@
-"""The ``redbatch`` command: ``api``, ``worker`` and ``up``. Each side is imported only when used,
+"""The ``redbatch`` command: ``api``, ``worker``, ``up`` and ``bench``. Each side is imported only when used,
 so ``redbatch api`` never imports torch."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from api import server
-    from common import up
+    from common import bench, up
 
     p_api = sub.add_parser("api", help="serve the HTTP API (gunicorn, no torch)")
     server.add_arguments(p_api)
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(p_worker, WORKER_FLAGS)
     p_up = sub.add_parser("up", help="Redis (if needed), a worker and the API, in one command")
     up.add_arguments(p_up)
+    p_bench = sub.add_parser("bench", help="closed-loop HTTP load on a service, or --in-process: the model's own limit")
+    bench.add_arguments(p_bench)
 
     args = parser.parse_args(argv)
     try:
@@ -36,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         from worker import main as worker_main
 
         return worker_main.run(settings)
+    if args.command == "bench":
+        if args.in_process:
+            from worker import bench_inprocess
+
+            return bench_inprocess.run(args)
+        return bench.run(args)
     return up.run(settings, args)
 
 

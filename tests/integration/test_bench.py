@@ -1,0 +1,173 @@
+"""``redbatch bench`` against a tiny local HTTP server whose every answer is known, and the
+in-process measurement on a real (small) model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.bench import Body, make_images, run_level, target_for
+from common.cli import main
+from worker.bench_inprocess import InProcessConfig, format_report, measure
+
+Answer = tuple[int, "int | None"]
+
+
+class FakeService:
+    """The predict route: every 5th request (in arrival order) gets 503, the others 200 with a
+    batch_size cycling 1, 2, 3. Each keep-alive connection keeps its own list of answers."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+        self.connections: list[list[Answer]] = []
+        self.seen: set[tuple[str, str]] = set()
+
+    def new_connection(self) -> list[Answer]:
+        log: list[Answer] = []
+        with self.lock:
+            self.connections.append(log)
+        return log
+
+    def answer(self, path: str, content_type: str) -> Answer:
+        with self.lock:
+            self.count += 1
+            self.seen.add((path, content_type))
+            n = self.count
+        return (503, None) if n % 5 == 0 else (200, n % 3 + 1)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.count, self.connections, self.seen = 0, [], set()
+
+
+def handler_for(service: FakeService) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as gunicorn does
+        disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms delayed-ACK stalls
+
+        def setup(self) -> None:
+            super().setup()
+            self.answers = service.new_connection()
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            status, batch = service.answer(self.path, self.headers["Content-Type"])
+            time.sleep(0.002)  # a service takes some time; keeps the request counts moderate
+            self.answers.append((status, batch))  # before the reply, so the client never sees it first
+            doc = {"id": "x", "model": "m", "predictions": [], "batch_size": batch, "queue_ms": 1, "infer_ms": 1.0}
+            if status != 200:
+                doc = {"error": {"code": "queue_full", "message": "the queue is full"}}
+            data = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[tuple[FakeService, str]]:
+    fake = FakeService()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(fake))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield fake, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def bodies() -> list[Body]:
+    return [Body(b, "image/jpeg") for b in make_images(3, (64, 48))]
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_counts_errors_and_mean_batch_match_what_the_server_did(
+    service: tuple[FakeService, str], bodies: list[Body], concurrency: int
+) -> None:
+    fake, url = service
+    fake.reset()
+    r = run_level(target_for(url, "m"), bodies, concurrency, warmup_s=0.0, duration_s=0.5)
+
+    # one keep-alive connection per client, kept across 503s
+    assert len(fake.connections) == concurrency
+    assert fake.seen == {("/v1/models/m/predict", "image/jpeg")}
+    # without warm-up, each client's last request (the one that ended after the window) is the only one not counted
+    counted = [a for conn in fake.connections for a in conn[:-1]]
+    ok_batches = [b for s, b in counted if s == 200 and b is not None]
+    assert r.uncounted == concurrency
+    assert r.requests == len(counted) > 20 * concurrency
+    assert r.errors == sum(1 for s, _ in counted if s != 200) > 0
+    assert r.statuses[503] == r.errors
+    assert r.ok == len(ok_batches)
+    assert r.mean_batch_size == pytest.approx(sum(ok_batches) / len(ok_batches))
+    assert r.ok_per_s == pytest.approx(len(ok_batches) / 0.5)
+    assert r.p50_ms is not None and r.p99_ms is not None and 2.0 <= r.p50_ms <= r.p99_ms
+
+
+def test_warm_up_requests_are_sent_but_not_counted(service: tuple[FakeService, str], bodies: list[Body]) -> None:
+    fake, url = service
+    fake.reset()
+    r = run_level(target_for(url, "m"), bodies, 2, warmup_s=0.3, duration_s=0.3)
+    assert r.requests + r.uncounted == fake.count
+    assert r.uncounted > 2 + 10  # the tail (one per client) and the warm-up
+
+
+def test_the_command_prints_the_table_and_writes_json_and_plots(
+    service: tuple[FakeService, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, url = service
+    out, prefix = tmp_path / "out.json", tmp_path / "bench"
+    args = ["bench", "--url", url, "--model", "m", "--concurrency", "1,2", "--duration-s", "0.2", "--warmup-s", "0.1"]
+    assert main([*args, "--size", "64x48", "--json", str(out), "--plot", str(prefix)]) == 0
+
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("concurrency"))
+    rows = text.splitlines()[text.splitlines().index(header) + 2 :][:2]
+    assert [row.split()[0] for row in rows] == ["1", "2"]
+    assert all(len(row) == len(header) for row in rows)
+    assert "errors at concurrency 1: 503 x" in text
+
+    doc = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in doc["levels"]] == [1, 2]
+    assert all(lv["requests"] > 0 and lv["errors"] > 0 and lv["mean_batch_size"] > 1 for lv in doc["levels"])
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plots skipped" in text
+    else:
+        assert (tmp_path / "bench-load.png").stat().st_size > 0
+        assert (tmp_path / "bench-batches.png").stat().st_size > 0
+
+
+def test_in_process_measurement_of_a_small_model_on_cpu() -> None:
+    threads_before = torch.get_num_threads()
+    cfg = InProcessConfig(model="mobilenet_v3_small", device="cpu", batch_sizes=(1, 2), duration_s=0.05, warmup_s=0.0)
+    r = measure(cfg)
+
+    assert torch.get_num_threads() == threads_before
+    assert (r.model, r.device, r.weights) == ("mobilenet_v3_small", "cpu", "random")
+    assert r.sweeps[0].threads == threads_before and r.sweeps[-1].threads == 1
+    assert r.prep_ms > 0
+    for sweep in r.sweeps:
+        assert [row.batch_size for row in sweep.rows] == [1, 2]
+        for row in sweep.rows:
+            assert row.iterations >= 1 and row.model_ms > 0
+            assert 0 < row.total_ips < row.model_ips
+            assert row.model_ips == pytest.approx(row.batch_size * 1000 / row.model_ms)
+    one_thread_best = max(row.total_ips for row in r.sweeps[-1].rows)
+    assert r.machine_limit_ips == pytest.approx(r.cores * one_thread_best)
+    assert "machine limit (one thread per core)" in format_report(r)

@@ -1,0 +1,270 @@
+"""``redbatch bench --in-process``: the model's own limit on this machine, without HTTP or Redis.
+
+Two costs are timed apart, in this one process:
+
+- preprocessing, exactly the API's path (``api.images``: Pillow decode, resize, crop), one image at a
+  time, on one core;
+- the handler's batched ``preprocess + forward + postprocess`` under ``torch.inference_mode``, for
+  each batch size after a warm-up of that size (on CUDA the clock stops after a synchronize).
+
+The machine limit, as the project defines it: on a CPU, the number of cores times the best
+single-thread rate of (preprocessing + model) per image, i.e. one single-threaded process per core;
+the all-threads figure of one process is printed beside it. On CUDA, the model's throughput at its
+best batch size; the preprocessing rate of all CPU cores (which the API processes use) is printed
+apart, since it is spent on other cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from api.images import open_image, to_model_input
+from common.bench import N_IMAGES, format_table, load_bodies
+from common.config import Settings
+from common.protocol import TensorData
+from worker.handler import TorchvisionClassifier
+from worker.main import resolve_device
+
+INPROCESS_DURATION_S, INPROCESS_WARMUP_S = 1.0, 0.5
+MIN_PREP_IMAGES = 32
+
+
+@dataclass(frozen=True)
+class InProcessConfig:
+    model: str = "resnet18"
+    weights: str = "random"
+    device: str = "auto"
+    dtype: str = "float32"
+    channels_last: bool = True
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    duration_s: float = INPROCESS_DURATION_S  # measured time per batch size (at least one batch)
+    warmup_s: float = INPROCESS_WARMUP_S  # warm-up per batch size (at least one batch)
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    size: tuple[int, int] = (640, 480)
+    images: tuple[str, ...] = ()
+    max_pixels: int = field(default_factory=lambda: Settings().max_image_pixels)
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    batch_size: int
+    iterations: int
+    model_ms: float  # handler preprocess + forward + postprocess, per batch (median)
+    model_ips: float  # images/s of the model alone
+    total_ips: float  # images/s with the API's preprocessing too, one after the other in one thread
+
+
+@dataclass(frozen=True)
+class Sweep:
+    threads: int
+    rows: list[BatchRow]
+
+    @property
+    def best(self) -> BatchRow:
+        return max(self.rows, key=lambda r: r.model_ips)
+
+
+@dataclass(frozen=True)
+class InProcessResult:
+    model: str
+    device: str
+    dtype: str
+    channels_last: bool
+    weights: str
+    cores: int
+    image_size: tuple[int, int]
+    prep_ms: float  # median per image, one core
+    sweeps: list[Sweep]  # the configured threads first; on a CPU then one thread, unless that was it
+    machine_limit_ips: float
+    machine_limit: str  # how the limit was reached, for people
+
+    @property
+    def prep_all_cores_ips(self) -> float:
+        return self.cores * 1000.0 / self.prep_ms
+
+
+def time_preprocess(
+    bodies: Sequence[bytes], spec: dict[str, object], max_pixels: int, n: int
+) -> tuple[list[TensorData], float]:
+    """The API's preprocessing of ``n`` images (cycling over ``bodies``), each timed on its own after
+    one untimed image; returns the model inputs and the median seconds per image."""
+    to_model_input(open_image(bodies[0], max_pixels), spec, max_pixels)
+    inputs, times = [], []
+    for i in range(n):
+        start = time.perf_counter()
+        inputs.append(to_model_input(open_image(bodies[i % len(bodies)], max_pixels), spec, max_pixels))
+        times.append(time.perf_counter() - start)
+    return inputs, statistics.median(times)
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _step(handler: TorchvisionClassifier, batch: Sequence[TensorData]) -> None:
+    with torch.inference_mode():
+        handler.postprocess(handler.forward(handler.preprocess(batch)), [{"topk": 5}] * len(batch))
+
+
+def _repeat(
+    handler: TorchvisionClassifier, batch: Sequence[TensorData], min_s: float, sync: Callable[[], None]
+) -> list[float]:
+    """Run ``batch`` at least once and until ``min_s`` has passed; the seconds of each run."""
+    sync()
+    times: list[float] = []
+    while not times or sum(times) < min_s:
+        start = time.perf_counter()
+        _step(handler, batch)
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_batch(
+    handler: TorchvisionClassifier, inputs: Sequence[TensorData], batch_size: int, cfg: InProcessConfig, prep_s: float
+) -> BatchRow:
+    """One batch size: warm-up, then the median time of a batch (robust to a neighbour's burst of CPU)."""
+    batch = [inputs[i % len(inputs)] for i in range(batch_size)]
+    sync = _synchronizer(handler.device)
+    _repeat(handler, batch, cfg.warmup_s, sync)
+    times = _repeat(handler, batch, cfg.duration_s, sync)
+    per_batch_s = statistics.median(times)
+    return BatchRow(
+        batch_size=batch_size,
+        iterations=len(times),
+        model_ms=per_batch_s * 1000.0,
+        model_ips=batch_size / per_batch_s,
+        total_ips=1.0 / (prep_s + per_batch_s / batch_size),
+    )
+
+
+def sweep(
+    handler: TorchvisionClassifier, inputs: Sequence[TensorData], cfg: InProcessConfig, prep_s: float, threads: int
+) -> Sweep:
+    """Every batch size with ``threads`` torch threads (the previous setting is restored)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return Sweep(threads, [time_batch(handler, inputs, b, cfg, prep_s) for b in cfg.batch_sizes])
+    finally:
+        torch.set_num_threads(before)
+
+
+def machine_limit(device: torch.device, sweeps: Sequence[Sweep], cores: int) -> tuple[float, str]:
+    """The project's machine limit (see the module docstring), and how it was reached."""
+    if device.type != "cpu":
+        best = sweeps[0].best
+        return best.model_ips, f"model at batch {best.batch_size} on {device}"
+    one = next(s for s in sweeps if s.threads == 1)
+    best = max(one.rows, key=lambda r: r.total_ips)
+    return cores * best.total_ips, f"{cores} cores x {best.total_ips:.1f} img/s (one thread, batch {best.batch_size})"
+
+
+def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None) -> InProcessResult:
+    """Load the model, time preprocessing and every batch size; see the module docstring."""
+    device = resolve_device(cfg.device)
+    handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last)
+    handler.setup(device)
+    bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
+    n_prep = max(MIN_PREP_IMAGES, N_IMAGES, *cfg.batch_sizes)
+    inputs, prep_s = time_preprocess(bodies, handler.spec.to_dict(), cfg.max_pixels, n_prep)
+    threads = cfg.threads or torch.get_num_threads()
+    thread_counts = [threads] if device.type != "cpu" or threads == 1 else [threads, 1]
+    sweeps = []
+    for t in thread_counts:
+        if progress is not None:
+            progress(f"timing {cfg.model} on {device} with {t} torch thread(s)...")
+        sweeps.append(sweep(handler, inputs, cfg, prep_s, t))
+    cores = os.cpu_count() or 1
+    limit_ips, how = machine_limit(device, sweeps, cores)
+    return InProcessResult(
+        model=cfg.model,
+        device=str(device),
+        dtype=cfg.dtype,
+        channels_last=cfg.channels_last,
+        weights=handler.weights_source,
+        cores=cores,
+        image_size=cfg.size,
+        prep_ms=prep_s * 1000.0,
+        sweeps=sweeps,
+        machine_limit_ips=limit_ips,
+        machine_limit=how,
+    )
+
+
+def sweep_table(s: Sweep) -> str:
+    headers = ("batch", "model ms/batch", "model img/s", "with prep img/s")
+    rows = [(str(r.batch_size), f"{r.model_ms:.2f}", f"{r.model_ips:.1f}", f"{r.total_ips:.1f}") for r in s.rows]
+    return format_table(headers, rows)
+
+
+def format_report(r: InProcessResult) -> str:
+    layout = "channels_last" if r.channels_last else "contiguous"
+    lines = [
+        f"{r.model} on {r.device}, {r.dtype}, {layout}, {r.weights} weights; {r.cores} CPU cores",
+        f"preprocessing (the API's Pillow path, {r.image_size[0]}x{r.image_size[1]} JPEG): "
+        f"{r.prep_ms:.2f} ms/img on one core; all {r.cores} cores: {r.prep_all_cores_ips:.0f} img/s",
+        "model = the handler's preprocess + forward + postprocess on a batch; "
+        "with prep = one thread doing both, one after the other",
+    ]
+    for s in r.sweeps:
+        best = s.best
+        lines += ["", f"torch threads: {s.threads}", sweep_table(s)]
+        lines.append(
+            f"best batch size: {best.batch_size} ({best.model_ips:.1f} img/s model, {best.total_ips:.1f} with prep)"
+        )
+    lines.append("")
+    if r.device == "cpu":
+        first = r.sweeps[0]
+        best = max(first.rows, key=lambda row: row.total_ips)
+        lines.append(
+            f"one process, all {first.threads} threads: {best.total_ips:.1f} img/s with prep (batch {best.batch_size})"
+        )
+        lines.append(f"machine limit (one thread per core): {r.machine_limit_ips:.1f} img/s = {r.machine_limit}")
+    else:
+        lines.append(f"machine limit: {r.machine_limit_ips:.1f} img/s ({r.machine_limit})")
+        bound = r.prep_all_cores_ips < r.machine_limit_ips
+        note = ": below the model's rate, the CPUs are the bound" if bound else ""
+        lines.append(f"preprocessing on all {r.cores} CPU cores: {r.prep_all_cores_ips:.1f} img/s{note}")
+    return "\n".join(lines)
+
+
+def config_from_args(args: argparse.Namespace) -> InProcessConfig:
+    return InProcessConfig(
+        model=args.model,
+        weights=args.weights,
+        device=args.device,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        batch_sizes=tuple(args.batch_sizes),
+        duration_s=INPROCESS_DURATION_S if args.duration_s is None else args.duration_s,
+        warmup_s=INPROCESS_WARMUP_S if args.warmup_s is None else args.warmup_s,
+        threads=args.threads,
+        size=args.size,
+        images=tuple(args.images or ()),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``redbatch bench --in-process``: print the report, and write ``--json`` if asked."""
+    cfg = config_from_args(args)
+    if cfg.weights.lower() == "random":  # timing only: the handler's loud warning about predictions is noise here
+        logging.getLogger("worker.handler").setLevel(logging.ERROR)
+    result = measure(cfg, progress=lambda text: print(text, flush=True))
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(result) | {"prep_all_cores_ips": result.prep_all_cores_ips}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
