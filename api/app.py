@@ -20,7 +20,7 @@ from common.errors import (
     UnsupportedMediaType,
     error_from_wire,
 )
-from common.protocol import Request, new_request_id, now_ms
+from common.protocol import Request, TensorData, new_request_id, now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,10 @@ def predict(model: str) -> ResponseReturnValue:
     body = _image_body()
     info = _queue().model(model)
     im = open_image(body, settings.max_image_pixels)
-    tensor = to_model_input(im, info.spec, settings.max_image_pixels)
+    if im.format == "JPEG" and "jpeg" in info.spec.get("accepts", ()) and im.mode in ("RGB", "L"):
+        tensor = TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
+    else:
+        tensor = to_model_input(im, info.spec, settings.max_image_pixels)
     req = Request(
         id=new_request_id(),
         model=model,

@@ -33,7 +33,8 @@ class ModelInfo:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "input": {k: self.spec[k] for k in ("shape", "dtype", "resize_size", "crop_size", "interpolation")},
+            "input": {k: self.spec.get(k) for k in ("shape", "dtype", "resize_size", "crop_size", "interpolation")},
+            "accepts": self.spec.get("accepts", ["uint8"]),
             "max_batch_size": self.max_batch_size,
             "live_workers": len(self.workers),
             "devices": sorted({w.device for w in self.workers}),
@@ -104,7 +105,9 @@ def _group(workers: list[WorkerInfo]) -> dict[str, ModelInfo]:
     by_model: dict[str, list[WorkerInfo]] = defaultdict(list)
     for w in workers:
         by_model[w.model].append(w)
-    return {
-        name: ModelInfo(name, ws[0].spec, max(w.max_batch_size for w in ws), ws)
-        for name, ws in sorted(by_model.items())
-    }
+    out = {}
+    for name, ws in sorted(by_model.items()):
+        # Send JPEG bytes only if every worker of the model decodes them itself.
+        accepts = [a for a in ws[0].spec.get("accepts", ["uint8"]) if all(a in w.spec.get("accepts", []) for w in ws)]
+        out[name] = ModelInfo(name, {**ws[0].spec, "accepts": accepts}, max(w.max_batch_size for w in ws), ws)
+    return out

@@ -37,6 +37,8 @@ _HELP = {
     "dtype": "float32, float16 or bfloat16 for the forward pass",
     "max_batch_size": "most items in one forward pass",
     "window_ms": "longest a partial batch waits for more items, from its first item's arrival",
+    "preprocess": "api: the API decodes and crops every image; worker: JPEGs travel encoded and the worker "
+    "decodes them batched (nvjpeg on CUDA)",
     "heartbeat_s": "how often a worker renews its registration",
     "worker_ttl_s": "a worker whose registration is older than this is dead",
     "torch_threads": "torch intra-op threads (0: torch's default)",
@@ -52,7 +54,7 @@ API_FLAGS = (
 )  # fmt: skip
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
-    "window_ms", "heartbeat_s", "worker_ttl_s", "reply_ttl_s", "request_timeout_s", "torch_threads",
+    "window_ms", "preprocess", "heartbeat_s", "worker_ttl_s", "reply_ttl_s", "request_timeout_s", "torch_threads",
     "channels_last", "log_level",
 )  # fmt: skip
 
@@ -80,6 +82,7 @@ class Settings:
     dtype: str = "float32"
     max_batch_size: int = 32
     window_ms: float = 2.0
+    preprocess: str = "api"
     heartbeat_s: float = 2.0
     worker_ttl_s: float = 10.0
     torch_threads: int = 0

@@ -20,7 +20,7 @@ import msgpack
 from common.errors import FrameError, RedbatchError
 
 VERSION = 1
-DTYPE_SIZES = {"uint8": 1, "float16": 2, "float32": 4}
+DTYPE_SIZES = {"uint8": 1, "float16": 2, "float32": 4, "jpeg": 1}  # "jpeg": encoded bytes, shape [len]
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

@@ -16,7 +16,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torchvision
+from torchvision.transforms import functional as TF
 
+from common.errors import InvalidImage
 from common.protocol import TensorData
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class InputSpec:
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    accepts: tuple[str, ...] = ("uint8",)  # "jpeg": the worker decodes JPEG bytes itself
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -65,7 +68,9 @@ class Handler(Protocol):
 class TorchvisionClassifier:
     """Any torchvision classification architecture, with its preset's preprocessing and labels."""
 
-    def __init__(self, arch: str, weights: str, dtype: str = "float32", channels_last: bool = True) -> None:
+    def __init__(
+        self, arch: str, weights: str, dtype: str = "float32", channels_last: bool = True, decode_jpeg: bool = False
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         try:
@@ -82,7 +87,9 @@ class TorchvisionClassifier:
             interpolation=str(preset.interpolation.value),
             mean=tuple(float(m) for m in preset.mean),
             std=tuple(float(s) for s in preset.std),
+            accepts=("uint8", "jpeg") if decode_jpeg else ("uint8",),
         )
+        self._interpolation = preset.interpolation
         self.dtype = DTYPES[dtype]
         self.channels_last = channels_last
         self.weights_source = ""
@@ -139,12 +146,49 @@ class TorchvisionClassifier:
         return model
 
     def preprocess(self, inputs: Sequence[TensorData]) -> torch.Tensor:
-        host = torch.from_numpy(np.stack([np.frombuffer(t.data, dtype=np.uint8).reshape(t.shape) for t in inputs]))
-        x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC -> NCHW, channels_last strides
+        """uint8 crops (HWC, from the API) and JPEG bytes (decoded here, on the GPU when there is
+        one) become one normalised NCHW batch on the device."""
+        if all(t.dtype == "uint8" for t in inputs):
+            host = torch.from_numpy(np.stack([np.frombuffer(t.data, np.uint8).reshape(t.shape) for t in inputs]))
+            x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view, channels_last strides
+        else:
+            x = torch.stack(self._crops(inputs))
         x = x.to(torch.float32).div_(255).sub_(self._mean).div_(self._std)
-        if not self.channels_last:
-            x = x.contiguous()
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x.to(self.dtype)
+
+    def _crops(self, inputs: Sequence[TensorData]) -> list[torch.Tensor]:
+        """CHW uint8 crops on the device, in input order."""
+        jpegs = [i for i, t in enumerate(inputs) if t.dtype == "jpeg"]
+        decoded = dict(zip(jpegs, self._decode([inputs[i].data for i in jpegs])))
+        out = []
+        for i, t in enumerate(inputs):
+            if i in decoded:
+                img = TF.resize(decoded[i], [self.spec.resize_size], self._interpolation, antialias=True)
+                out.append(TF.center_crop(img, [self.spec.crop_size]))
+            else:
+                hwc = torch.from_numpy(np.frombuffer(t.data, np.uint8).reshape(t.shape).copy())
+                out.append(hwc.to(self.device).permute(2, 0, 1))
+        return out
+
+    def _decode(self, blobs: list[bytes]) -> list[torch.Tensor]:
+        """Decode JPEGs as RGB: batched on CUDA (nvjpeg), else one by one; raises InvalidImage."""
+        if not blobs:
+            return []
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        rgb = torchvision.io.ImageReadMode.RGB
+        if self.device.type == "cuda":
+            try:
+                return list(torchvision.io.decode_jpeg(tensors, mode=rgb, device=self.device))
+            except RuntimeError:
+                pass  # one bad or unsupported image fails the whole call: decode one by one below
+        out = []
+        for t in tensors:
+            try:
+                out.append(torchvision.io.decode_jpeg(t, mode=rgb).to(self.device))
+            except RuntimeError as exc:
+                raise InvalidImage(f"the JPEG cannot be decoded ({str(exc)[:200]})") from None
+        return out
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.model(batch)
@@ -165,6 +209,8 @@ class TorchvisionClassifier:
 
     def check_input(self, t: TensorData) -> str | None:
         """Why ``t`` cannot go into a batch, or None when it can."""
-        if t.dtype != "uint8" or tuple(t.shape) != self.spec.shape:
-            return f"input must be uint8 {list(self.spec.shape)}, got {t.dtype} {list(t.shape)}"
-        return None
+        if t.dtype == "uint8" and tuple(t.shape) == self.spec.shape:
+            return None
+        if t.dtype == "jpeg" and "jpeg" in self.spec.accepts and len(t.shape) == 1:
+            return None
+        return f"input must be uint8 {list(self.spec.shape)} (or JPEG bytes: {self.spec.accepts}), got {t.dtype}"

@@ -26,10 +26,14 @@ def resolve_device(name: str) -> torch.device:
 def run(settings: Settings) -> int:
     if settings.max_batch_size < 1:
         raise SystemExit("--max-batch-size must be at least 1")
+    if settings.preprocess not in ("api", "worker"):
+        raise SystemExit("--preprocess must be api or worker")
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    handler = TorchvisionClassifier(settings.model, settings.weights, settings.dtype, settings.channels_last)
+    handler = TorchvisionClassifier(
+        settings.model, settings.weights, settings.dtype, settings.channels_last, settings.preprocess == "worker"
+    )
     handler.setup(device)
     _warm_up(handler)
     logger.info("loaded %s (%s weights) on %s", settings.model, handler.weights_source, device)

@@ -230,11 +230,17 @@ class Worker:
             if _is_oom(exc):
                 self._lower_cap(len(items))
             if len(items) == 1:
-                logger.exception("inference failed for request %s", items[0].req.id)
                 counts["errors"] += 1
+                if isinstance(exc, RedbatchError):  # the input's fault, e.g. a JPEG that does not decode
+                    logger.warning("request %s failed: %s", items[0].req.id, exc.message)
+                    return [Outgoing(items[0].raw, Reply.failure(items[0].req.id, exc))]
+                logger.exception("inference failed for request %s", items[0].req.id)
                 err = InferenceFailed("the model failed on this input")
                 return [Outgoing(items[0].raw, Reply.failure(items[0].req.id, err))]
-            logger.exception("batch of %d failed; retrying in halves", len(items))
+            if isinstance(exc, RedbatchError):
+                logger.warning("batch of %d failed (%s); retrying in halves", len(items), exc.message)
+            else:
+                logger.exception("batch of %d failed; retrying in halves", len(items))
             mid = len(items) // 2
             return self._run(items[:mid], counts) + self._run(items[mid:], counts)
         infer_ms = (time.perf_counter() - t0) * 1000.0

@@ -15,28 +15,57 @@ import requests
 import torch
 import torchvision
 from PIL import Image
+from torchvision.io import ImageReadMode
 
-from tests.conftest import make_image
+from tests.conftest import RedisServer, make_image
 from tests.e2e.conftest import ARCH, Service
 
 pytestmark = pytest.mark.e2e
 CLIENTS = 64
 
 
-def reference_scores(weights: Path, images: list[bytes]) -> torch.Tensor:
-    """What a client computes in its own process: ``model(weights.transforms()(image))``, one by one."""
+def reference_scores(weights: Path, images: list[bytes], decoded_by: str = "pil") -> torch.Tensor:
+    """What a client computes in its own process: ``model(weights.transforms()(image))``, one by one,
+    with ``image`` a PIL image or (``decoded_by="torchvision"``) a tensor from ``torchvision.io``."""
     model = torchvision.models.get_model(ARCH, weights=None)
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
     preset = torchvision.models.get_model_weights(ARCH).DEFAULT.transforms()
+    def load(b: bytes) -> Image.Image | torch.Tensor:
+        if decoded_by == "pil":
+            return Image.open(io.BytesIO(b)).convert("RGB")
+        return torchvision.io.decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
     with torch.inference_mode():
-        rows = [model(preset(Image.open(io.BytesIO(b)).convert("RGB")).unsqueeze(0)).softmax(1)[0] for b in images]
+        rows = [model(preset(load(b)).unsqueeze(0)).softmax(1)[0] for b in images]
     return torch.stack(rows)
 
 
 def test_64_clients_get_the_models_own_answers_from_shared_batches(service: Service, weights_file: Path) -> None:
+    _64_clients_get_the_models_own_answers(service, weights_file)
+
+
+def test_with_worker_side_jpeg_decoding_too(
+    redis_server: RedisServer, weights_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    svc = Service(redis_server.url, weights_file, tmp_path_factory.mktemp("logs"), **{"--preprocess": "worker"})
+    try:
+        svc.wait_ready()
+        (model,) = requests.get(svc.url + "/v1/models", timeout=5).json()["models"]
+        assert model["accepts"] == ["uint8", "jpeg"]
+        # The worker resizes a decoded tensor, so its answers are those of the preset applied to a
+        # tensor from torchvision.io (the API's are those of the preset on a PIL image).
+        _64_clients_get_the_models_own_answers(svc, weights_file, decoded_by="torchvision")
+        broken = make_image(1)[:2000]  # a valid header: the API passes it on, the worker cannot decode it
+        resp = requests.post(svc.predict_url(), data=broken, headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_image"
+    finally:
+        svc.stop()
+
+
+def _64_clients_get_the_models_own_answers(service: Service, weights_file: Path, decoded_by: str = "pil") -> None:
     images = [make_image(seed, (320 + seed, 240)) for seed in range(CLIENTS)]
-    ref = reference_scores(weights_file, images)
+    ref = reference_scores(weights_file, images, decoded_by)
     assert len(set(ref.argmax(1).tolist())) >= 5, "the comparison would not tell images apart"
 
     def one(i: int) -> dict:

@@ -109,3 +109,31 @@ def test_fuzz_corrupted_images_are_invalid_or_decoded(noise: bytes, cut: int) ->
     except (InvalidImage, PayloadTooLarge):
         return
     assert len(got.data) == 224 * 224 * 3
+
+
+def test_worker_side_jpeg_decoding_matches_the_api_path() -> None:
+    """With --preprocess worker, JPEG bytes decoded and resized in the worker give (nearly) the same
+    model input as the API's Pillow path, and a batch may mix both kinds of input."""
+    from common.protocol import TensorData
+
+    handler = TorchvisionClassifier("resnet18", "random", decode_jpeg=True)
+    handler.setup(torch.device("cpu"))
+    bodies = [make_image(s, (640, 480)) for s in range(3)]
+    api_inputs = [to_model_input(open_image(b, MAX_PIXELS), handler.spec.to_dict(), MAX_PIXELS) for b in bodies]
+    jpeg_inputs = [TensorData("jpeg", (len(b),), b) for b in bodies]
+    assert all(handler.check_input(t) is None for t in jpeg_inputs)
+    a = handler.preprocess(api_inputs)
+    mixed = handler.preprocess([jpeg_inputs[0], api_inputs[1], jpeg_inputs[2]])
+    assert torch.equal(mixed[1], a[1])
+    assert (mixed - a).abs().mean() < 0.02  # resampling differs slightly from Pillow's, not more
+
+
+def test_worker_side_decoding_rejects_a_broken_jpeg_as_invalid_image() -> None:
+    from common.protocol import TensorData
+
+    handler = TorchvisionClassifier("resnet18", "random", decode_jpeg=True)
+    handler.setup(torch.device("cpu"))
+    body = make_image(1, (320, 240))
+    with pytest.raises(InvalidImage):
+        handler.preprocess([TensorData("jpeg", (len(body) // 3,), body[: len(body) // 3])])
+    assert TorchvisionClassifier("resnet18", "random").check_input(TensorData("jpeg", (4,), b"abcd"))

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU check (issue 5): resnet50 float16 channels_last on one NVIDIA GPU with 16 CPU cores, in
+# under 6 minutes. Measures the model's in-process limit, then the served throughput through the
+# real stack (gunicorn API processes on the CPU cores -> Redis -> one worker on the GPU) at 64 and
+# 256 clients, with preprocessing in the API and with JPEG decoding batched on the GPU.
+#
+# On a GPU machine that has torch but not the rest, first (here):  bash ../shared/tools/device-kit.sh
+# then there, from the repo root:                                  bash bench/gpu_check.sh
+# Results go to $OUT (or ./out). A dry run on a CPU machine:
+#   DEVICE=cpu MODEL=mobilenet_v3_small DTYPE=float32 CLIENTS="8" SECONDS_PER_LEVEL=3 API_WORKERS=1 bash bench/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+[ -f .device-kit/activate.sh ] && source .device-kit/activate.sh
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
+PY=${PYTHON:-python3}
+RB="$PY -m common.cli"
+MODEL=${MODEL:-resnet50} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-float16}
+CLIENTS=${CLIENTS:-"64 256"} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-12}
+API_WORKERS=${API_WORKERS:-10} MAX_BATCH=${MAX_BATCH:-128} BENCH_PROCS=${BENCH_PROCS:-2}
+PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+trap cleanup EXIT
+
+{
+  echo "date: $(date -u +%FT%TZ)"; nproc | sed 's/^/cpu cores: /'
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import sys,torch,torchvision,PIL; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+echo "== in-process limit: $MODEL $DTYPE channels_last on $DEVICE" | tee "$OUT/summary.txt"
+timeout 150 $RB bench --in-process --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --channels-last \
+  --batch-sizes "${BATCH_SIZES:-1,8,32,64,128,256}" --duration-s "${INPROC_S:-1.5}" --json "$OUT/inprocess.json" \
+  2>&1 | tee -a "$OUT/summary.txt"
+
+redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
+pids+=($!)
+export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_REQUEST_TIMEOUT_S=30 REDBATCH_MAX_QUEUE_LENGTH=4096
+
+served() {  # $1: preprocess mode (api | worker)
+  local mode=$1 prefix="gpu$1"
+  REDBATCH_PREFIX=$prefix $RB worker --model "$MODEL" --weights random --device "$DEVICE" --dtype "$DTYPE" \
+    --max-batch-size "$MAX_BATCH" --window-ms 2 --preprocess "$mode" >"$OUT/worker-$mode.log" 2>&1 &
+  local wpid=$!
+  REDBATCH_PREFIX=$prefix $RB api --bind "127.0.0.1:$HTTP" --workers "$API_WORKERS" --threads 64 \
+    >"$OUT/api-$mode.log" 2>&1 &
+  local apid=$!
+  pids+=("$wpid" "$apid")
+  for _ in $(seq 1 300); do
+    $PY -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:$HTTP/readyz').status != 200)" 2>/dev/null && break
+    sleep 0.5
+  done
+  for c in $CLIENTS; do
+    echo "== served, preprocess=$mode, $c clients in $BENCH_PROCS client processes" | tee -a "$OUT/summary.txt"
+    local per=$((c / BENCH_PROCS)) bp=()
+    for i in $(seq 1 "$BENCH_PROCS"); do
+      $RB bench --url "http://127.0.0.1:$HTTP" --model "$MODEL" --concurrency "$per" --duration-s "$SECONDS_PER_LEVEL" \
+        --warmup-s 3 --json "$OUT/served-$mode-$c-$i.json" >"$OUT/served-$mode-$c-$i.txt" 2>&1 &
+      bp+=($!)
+    done
+    wait "${bp[@]}"
+    cat "$OUT"/served-"$mode"-"$c"-*.txt | tee -a "$OUT/summary.txt"
+  done
+  redis-cli -p "$PORT" hgetall "$prefix:stats:$MODEL" | paste - - | tee -a "$OUT/summary.txt"
+  kill "$apid" "$wpid"; wait "$apid" "$wpid" 2>/dev/null
+}
+
+served api
+[ "$DEVICE" = cuda ] || [ -n "${WORKER_DECODE:-}" ] && served worker
+echo "== done" | tee -a "$OUT/summary.txt"
