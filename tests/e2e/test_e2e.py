@@ -31,6 +31,7 @@ def reference_scores(weights: Path, images: list[bytes], decoded_by: str = "pil"
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
     preset = torchvision.models.get_model_weights(ARCH).DEFAULT.transforms()
+
     def load(b: bytes) -> Image.Image | torch.Tensor:
         if decoded_by == "pil":
             return Image.open(io.BytesIO(b)).convert("RGB")
