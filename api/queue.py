@@ -67,7 +67,8 @@ class QueueClient:
     def models(self, fresh: bool = False) -> dict[str, ModelInfo]:
         """Live models, cached for ``model_cache_s``; raises ``Unavailable`` when Redis is down."""
         with self._lock:
-            if fresh or time.monotonic() - self._models_at > self._settings.model_cache_s:
+            stale = time.monotonic() - self._models_at > self._settings.model_cache_s
+            if fresh or stale or not self._models:  # an empty answer is not worth caching
                 try:
                     workers = live_workers(self._r, self._keys)
                 except redis.RedisError as exc:

@@ -8,6 +8,8 @@
 # then there, from the repo root:                                  bash bench/gpu_check.sh
 # Results go to $OUT (or ./out). A dry run on a CPU machine:
 #   DEVICE=cpu MODEL=mobilenet_v3_small DTYPE=float32 CLIENTS="8" SECONDS_PER_LEVEL=3 API_WORKERS=1 bash bench/gpu_check.sh
+# Knobs: MODES="api worker", CLIENTS="64 256", BENCH_PROCS=2 (client processes), API_WORKERS=10,
+# SKIP_INPROC=1, PROFILE=1 (py-spy raw stacks of the worker and one API process, if py-spy is there).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -30,7 +32,7 @@ trap cleanup EXIT
 } 2>&1 | tee "$OUT/machine.txt"
 
 echo "== in-process limit: $MODEL $DTYPE channels_last on $DEVICE" | tee "$OUT/summary.txt"
-timeout 150 $RB bench --in-process --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --channels-last \
+[ -n "${SKIP_INPROC:-}" ] || timeout 150 $RB bench --in-process --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --channels-last \
   --batch-sizes "${BATCH_SIZES:-1,8,32,64,128,256}" --duration-s "${INPROC_S:-1.5}" --json "$OUT/inprocess.json" \
   2>&1 | tee -a "$OUT/summary.txt"
 
@@ -59,6 +61,12 @@ served() {  # $1: preprocess mode (api | worker)
         --warmup-s 3 --json "$OUT/served-$mode-$c-$i.json" >"$OUT/served-$mode-$c-$i.txt" 2>&1 &
       bp+=($!)
     done
+    if [ -n "${PROFILE:-}" ] && command -v py-spy >/dev/null; then  # the worker and one API process, mid-run
+      sleep 5
+      py-spy record -d 8 -r 40 --nonblocking --format raw -o "$OUT/prof-worker-$mode-$c.txt" --pid "$wpid" >/dev/null 2>&1 &
+      py-spy record -d 8 -r 40 --nonblocking --format raw -o "$OUT/prof-api-$mode-$c.txt" \
+        --pid "$(pgrep -P "$apid" | head -1)" >/dev/null 2>&1 &
+    fi
     wait "${bp[@]}"
     cat "$OUT"/served-"$mode"-"$c"-*.txt | tee -a "$OUT/summary.txt"
   done
@@ -66,6 +74,5 @@ served() {  # $1: preprocess mode (api | worker)
   kill "$apid" "$wpid"; wait "$apid" "$wpid" 2>/dev/null
 }
 
-served api
-[ "$DEVICE" = cuda ] || [ -n "${WORKER_DECODE:-}" ] && served worker
+for mode in ${MODES:-api worker}; do served "$mode"; done
 echo "== done" | tee -a "$OUT/summary.txt"

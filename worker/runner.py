@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -58,7 +59,9 @@ class Worker:
         self.device = device
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.broker = WorkerBroker(r, settings, self.id)
-        self.buffer: LocalBuffer[_Item] = LocalBuffer(settings.max_batch_size)
+        # Up to two batches ahead of the forward pass: the next one fills while this one runs.
+        self.buffer: LocalBuffer[_Item] = LocalBuffer(2 * settings.max_batch_size)
+        self._outbox: queue.Queue[tuple[list[Outgoing], Counter[str]] | None] = queue.Queue(maxsize=4)
         self.batch_cap = settings.max_batch_size  # lowered after an out-of-memory error
         self._unsent: Counter[str] = Counter()
         self._unsent_lock = threading.Lock()
@@ -75,6 +78,7 @@ class Worker:
         threads = [
             threading.Thread(target=self._collect_loop, name="collector", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
+            threading.Thread(target=self._reply_loop, name="replier", daemon=True),
         ]
         for t in threads:
             t.start()
@@ -95,6 +99,8 @@ class Worker:
         self.buffer.close()
         while leftover := [a.item for a in self.buffer.take(self.batch_cap, 0)]:
             self.process(leftover)
+        self._outbox.put(None)
+        threads[2].join()  # every reply is out before we unregister
         self._retry_redis(self.broker.unregister, attempts=3)
         logger.info("worker %s stopped after %d batches", self.id, self.batches)
         return 0
@@ -119,7 +125,7 @@ class Worker:
             if room == 0:
                 continue
             try:
-                raws = self.broker.take(room, BLOCK_S)
+                raws = self.broker.take(min(room, self.settings.max_batch_size), BLOCK_S)
                 backoff = 0.1
             except redis.RedisError as exc:
                 logger.warning("collector: Redis error (%s); retrying in %.1fs", exc, backoff)
@@ -273,6 +279,15 @@ class Worker:
             torch.cuda.empty_cache()
 
     def _send(self, out: list[Outgoing], counts: Counter[str]) -> None:
+        """Hand replies to the replier thread, so that they go out while the next batch runs.
+        The queue is short: if Redis falls behind, the forward pass waits rather than piling up."""
+        self._outbox.put((out, counts))
+
+    def _reply_loop(self) -> None:
+        while (job := self._outbox.get()) is not None:
+            self._send_now(*job)
+
+    def _send_now(self, out: list[Outgoing], counts: Counter[str]) -> None:
         """Reply to ``out`` and add ``counts`` to the stats; counts with no reply to ride on wait
         for the next round trip instead of costing one of their own."""
         with self._unsent_lock:
