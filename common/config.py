@@ -39,6 +39,7 @@ _HELP = {
     "window_ms": "longest a partial batch waits for more items, from its first item's arrival",
     "preprocess": "api: the API decodes and crops every image; worker: JPEGs travel encoded and the worker "
     "decodes them batched (nvjpeg on CUDA)",
+    "batch_buckets": "pad each batch up to a power of two (fewer shapes for cuDNN): auto (on CUDA only), on, off",
     "heartbeat_s": "how often a worker renews its registration",
     "worker_ttl_s": "a worker whose registration is older than this is dead",
     "torch_threads": "torch intra-op threads (0: torch's default)",
@@ -54,8 +55,8 @@ API_FLAGS = (
 )  # fmt: skip
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
-    "window_ms", "preprocess", "heartbeat_s", "worker_ttl_s", "reply_ttl_s", "request_timeout_s", "torch_threads",
-    "channels_last", "log_level",
+    "window_ms", "preprocess", "batch_buckets", "heartbeat_s", "worker_ttl_s", "reply_ttl_s",
+    "request_timeout_s", "torch_threads", "channels_last", "log_level",
 )  # fmt: skip
 
 
@@ -83,6 +84,7 @@ class Settings:
     max_batch_size: int = 32
     window_ms: float = 2.0
     preprocess: str = "api"
+    batch_buckets: str = "auto"
     heartbeat_s: float = 2.0
     worker_ttl_s: float = 10.0
     torch_threads: int = 0

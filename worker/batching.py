@@ -63,6 +63,20 @@ def collect_batch(
     return [a.item for a in got]
 
 
+def bucket_sizes(max_size: int) -> list[int]:
+    """Powers of two below ``max_size``, then ``max_size``: the shapes a padded batch can take."""
+    sizes, b = [], 1
+    while b < max_size:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_size]
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n`` items (``n`` itself when none does)."""
+    return next((b for b in buckets if b >= n), n)
+
+
 class LocalBuffer(Generic[T]):
     """Thread-safe FIFO between the thread that pops Redis and the thread that runs the model.
 

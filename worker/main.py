@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from common.config import Settings
 from common.redisconn import connect
 from worker.handler import TorchvisionClassifier
-from worker.runner import BLOCK_S, Worker
+from worker.runner import BLOCK_S, Worker, batch_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ def run(settings: Settings) -> int:
         raise SystemExit("--max-batch-size must be at least 1")
     if settings.preprocess not in ("api", "worker"):
         raise SystemExit("--preprocess must be api or worker")
+    if settings.batch_buckets not in ("auto", "on", "off"):
+        raise SystemExit("--batch-buckets must be auto, on or off")
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
@@ -35,17 +38,21 @@ def run(settings: Settings) -> int:
         settings.model, settings.weights, settings.dtype, settings.channels_last, settings.preprocess == "worker"
     )
     handler.setup(device)
-    _warm_up(handler)
+    _warm_up(handler, batch_buckets(settings, device) or [1])
     logger.info("loaded %s (%s weights) on %s", settings.model, handler.weights_source, device)
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S))
     worker.install_signal_handlers()
     return worker.run()
 
 
-def _warm_up(handler: TorchvisionClassifier) -> None:
-    """One pass at batch 1 so the first request does not pay for lazy initialisation."""
+def _warm_up(handler: TorchvisionClassifier, sizes: list[int]) -> None:
+    """A pass at every batch size the worker will run, so no request pays for lazy initialisation
+    (and, on CUDA, for cuDNN choosing its plans)."""
     from common.protocol import TensorData
 
     blank = TensorData("uint8", handler.spec.shape, bytes(handler.spec.crop_size**2 * 3))
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        handler.postprocess(handler.forward(handler.preprocess([blank])), [{"topk": 1}])
+        for n in sizes:
+            handler.postprocess(handler.forward(handler.preprocess([blank] * n)), [{"topk": 1}] * n)
+    logger.info("warmed up batch sizes %s in %.1fs", sizes, time.perf_counter() - t0)

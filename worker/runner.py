@@ -35,7 +35,7 @@ from common.errors import (
     RedbatchError,
 )
 from common.protocol import Reply, Request, decode_request, now_ms
-from worker.batching import LocalBuffer, collect_batch
+from worker.batching import LocalBuffer, bucket_for, bucket_sizes, collect_batch
 from worker.broker import Outgoing, WorkerBroker
 from worker.handler import MAX_TOPK, Handler
 
@@ -63,6 +63,7 @@ class Worker:
         self.buffer: LocalBuffer[_Item] = LocalBuffer(2 * settings.max_batch_size)
         self._outbox: queue.Queue[tuple[list[Outgoing], Counter[str]] | None] = queue.Queue(maxsize=4)
         self.batch_cap = settings.max_batch_size  # lowered after an out-of-memory error
+        self.buckets = batch_buckets(settings, device)
         self._unsent: Counter[str] = Counter()
         self._unsent_lock = threading.Lock()
         self.stop = threading.Event()
@@ -167,6 +168,7 @@ class Worker:
             "dtype": self.settings.dtype,
             "max_batch_size": self.settings.max_batch_size,
             "batch_cap": self.batch_cap,
+            "buckets": ",".join(map(str, self.buckets)),
             "window_ms": str(self.settings.window_ms),
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -229,7 +231,8 @@ class Worker:
         try:
             with torch.inference_mode():
                 x = self.handler.preprocess([it.req.input for it in items])
-                results = self.handler.postprocess(self.handler.forward(x), [it.req.params for it in items])
+                out = self.handler.forward(pad_batch(x, self.buckets))[: len(items)]
+                results = self.handler.postprocess(out, [it.req.params for it in items])
             if len(results) != len(items):
                 raise RuntimeError(f"handler returned {len(results)} results for {len(items)} inputs")
         except Exception as exc:
@@ -325,6 +328,31 @@ class Worker:
                 logger.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+def batch_buckets(settings: Settings, device: torch.device) -> list[int]:
+    """Batch sizes that forward passes are padded up to ([] means no padding).
+
+    On CUDA every new batch shape costs cuDNN a new execution plan (milliseconds of CPU each), and
+    batches of every size from 1 to N keep producing new shapes: padding to a few buckets, all
+    warmed up at start, bounds them. On a CPU the padding would be paid in full compute, so
+    ``auto`` pads only on CUDA.
+    """
+    mode = settings.batch_buckets
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return []
+    return bucket_sizes(settings.max_batch_size)
+
+
+def pad_batch(x: torch.Tensor, buckets: list[int]) -> torch.Tensor:
+    """``x`` padded with copies of its last item up to the next bucket, in ``x``'s memory format."""
+    n = x.shape[0]
+    size = bucket_for(n, buckets)
+    if size == n:
+        return x
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
+    padded = torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+    return padded.contiguous(memory_format=fmt) if fmt is not None else padded
 
 
 def _is_oom(exc: BaseException) -> bool:

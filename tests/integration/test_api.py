@@ -300,3 +300,20 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_cap(
     while int(r.hget(tiny.keys.worker(w.worker.id), "batch_cap") or 0) != w.worker.batch_cap:
         assert time.monotonic() < deadline  # the heartbeat publishes the lowered cap
         time.sleep(0.05)
+
+
+def test_padded_batches_answer_only_the_real_items(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
+    w = start_worker(max_batch_size=8, window_ms=30, batch_buckets="on")
+    app = create_app(tiny)
+    values = [10, 60, 110, 160, 210]
+
+    def one(v: int) -> tuple[int, int, int]:
+        body = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG).get_json()
+        return v, body["predictions"][0]["index"], body["batch_size"]
+
+    with ThreadPoolExecutor(len(values)) as ex:
+        results = list(ex.map(one, values))
+    assert all(idx == expected_top1(v) for v, idx, _ in results)
+    assert set(w.handler.batch_sizes) <= {1, 2, 4, 8}  # the model only ever saw bucket shapes
+    reported = [bs for _, _, bs in results]  # batch_size counts real requests, never the padding
+    assert max(reported) <= len(values) and max(w.handler.batch_sizes) >= max(reported)

@@ -128,3 +128,13 @@ def test_collect_batch_over_a_local_buffer() -> None:
     clock.now = 1.0  # the window (from the first arrival at 0.0) has long closed
     assert collect_batch(buf, 5, 0.01, clock, 0.1) == [0, 1, 2, 3, 4]
     assert collect_batch(buf, 5, 0.01, clock, 0.1) == [5, 6]
+
+
+def test_bucket_sizes_are_powers_of_two_capped_by_the_max() -> None:
+    from worker.batching import bucket_for, bucket_sizes
+
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+    assert bucket_sizes(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert [bucket_for(n, bucket_sizes(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+    assert bucket_for(7, []) == 7
