@@ -13,13 +13,9 @@ import redis
 from common.config import Settings
 from common.errors import DeadlineExceeded, ModelNotFound, QueueFull, Unavailable
 from common.protocol import Reply, Request, decode_reply, encode_request, now_ms
+from common.queues import Enqueuer
 from common.registry import WorkerInfo, live_workers
 
-# RPUSH only while the queue is under its bound, in one atomic step; -1 when full.
-_BOUNDED_PUSH = """
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
-return redis.call('RPUSH', KEYS[1], ARGV[1])
-"""
 MIN_BLOCK_S = 0.01  # BLPOP's timeout 0 means forever: never send it
 
 
@@ -53,7 +49,7 @@ class QueueClient:
             health_check_interval=30,
             decode_responses=False,
         )
-        self._push = self._r.register_script(_BOUNDED_PUSH)
+        self._enqueuer = Enqueuer(self._r, self._keys)
         self._models: dict[str, ModelInfo] = {}
         self._models_at = float("-inf")
         self._lock = threading.Lock()
@@ -84,12 +80,12 @@ class QueueClient:
             raise ModelNotFound(f"no live worker serves model {name!r}")
         return info
 
-    def call(self, req: Request) -> Reply:
-        """Enqueue ``req`` and block (BLPOP, no polling) until its reply or its deadline."""
+    def call(self, req: Request, priority: str = "normal") -> Reply:
+        """Enqueue ``req`` at ``priority`` and block (BLPOP, no polling) until its reply or its deadline."""
         reply_key = self._keys.reply(req.id)
         try:
             bound = self._settings.max_queue_length
-            n = self._push(keys=[self._keys.queue(req.model)], args=[encode_request(req), bound])
+            n = self._enqueuer.push(req.model, encode_request(req), priority, bound)
             if n == -1:
                 raise QueueFull(f"the queue of {req.model!r} is full ({bound} waiting)")
             left_s = (req.deadline_ms - now_ms()) / 1000.0

@@ -15,9 +15,15 @@ class Keys:
 
     prefix: str = "redbatch"
 
-    def queue(self, model: str) -> str:
-        """List of request frames for ``model``: the API RPUSHes, workers pop from the left."""
-        return f"{self.prefix}:queue:{model}"
+    def queue(self, model: str, priority: str = "normal") -> str:
+        """List of request frames for ``model`` at ``priority``: the API RPUSHes, workers pop from
+        the left. Normal priority keeps the plain name; ``high`` and ``low`` add a suffix."""
+        base = f"{self.prefix}:queue:{model}"
+        return base if priority == "normal" else f"{base}:{priority}"
+
+    def wake(self, model: str) -> str:
+        """The doorbell of ``model``'s queue: a list of at most one element that idle workers BLPOP."""
+        return f"{self.prefix}:wake:{model}"
 
     def reply(self, request_id: str) -> str:
         """List that receives the one reply frame for a request; it always carries a TTL."""

@@ -17,16 +17,9 @@ import redis
 from common.config import Settings
 from common.errors import DeadlineExceeded, FrameError
 from common.protocol import Reply, decode_request, encode_reply, now_ms
+from common.queues import PRIORITIES, Taker
 
 logger = logging.getLogger(__name__)
-
-# Move up to ARGV[1] frames from the head of the queue to the tail of the in-flight list, atomically.
-_TAKE_NOW = """
-local items = redis.call('LPOP', KEYS[1], ARGV[1])
-if not items then return {} end
-redis.call('RPUSH', KEYS[2], unpack(items))
-return items
-"""
 
 
 @dataclass(frozen=True)
@@ -42,26 +35,17 @@ class WorkerBroker:
         self._r = r
         self._keys = settings.keys
         self._model = settings.served_name
-        self._queue = self._keys.queue(self._model)
         self._inflight = self._keys.inflight(worker_id)
         self._worker_key = self._keys.worker(worker_id)
         self._worker_id = worker_id
         self._ttl_ms = int(settings.worker_ttl_s * 1000)
         self._reply_ttl_ms = int(settings.reply_ttl_s * 1000)
-        self._take_now = r.register_script(_TAKE_NOW)
+        self._taker = Taker(r, self._keys, self._model, self._inflight)
 
     def take(self, max_items: int, block_s: float) -> list[bytes]:
-        """Block up to ``block_s`` for one frame, then take up to ``max_items - 1`` more at once.
-
-        Two round trips at most; every frame returned is already recorded in the in-flight list.
-        """
-        first = self._r.blmove(self._queue, self._inflight, block_s, "LEFT", "RIGHT")  # type: ignore[arg-type]
-        if first is None:
-            return []
-        out = [first]
-        if max_items > 1:
-            out.extend(self._take_now(keys=[self._queue, self._inflight], args=[max_items - 1]))
-        return cast(list[bytes], out)
+        """Up to ``max_items`` frames, high priority first (low keeps a small share); blocks up to
+        ``block_s`` when none wait. Every frame returned is already in the in-flight list."""
+        return self._taker.take(max_items, block_s)
 
     def send(self, outgoing: Sequence[Outgoing], counters: Mapping[str, int]) -> None:
         """Every reply (RPUSH + PEXPIRE), the in-flight removals and the counters in one round trip."""
@@ -140,8 +124,10 @@ class WorkerBroker:
                 pipe.hincrby(self._keys.stats(req.model), "expired", 1)
             else:
                 # LPUSH: back at the head, ahead of newer work (frames come off the tail of the
-                # dead list newest first, so the oldest ends up first).
-                pipe.lpush(self._keys.queue(req.model), raw)
+                # dead list newest first, so the oldest ends up first); then ring the doorbell.
+                priority = req.params.get("priority", "normal")
+                pipe.lpush(self._keys.queue(req.model, priority if priority in PRIORITIES else "normal"), raw)
+                pipe.rpush(self._keys.wake(req.model), "1")
         pipe.lrem(self._inflight, 1, raw)  # type: ignore[arg-type]
         pipe.execute()
 

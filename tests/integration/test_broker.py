@@ -9,6 +9,7 @@ import redis
 
 from common.config import Settings
 from common.protocol import Request, TensorData, decode_reply, encode_request, now_ms
+from common.queues import Enqueuer
 from common.redisconn import connect
 from worker.broker import Outgoing, WorkerBroker
 
@@ -21,7 +22,7 @@ def _frame(i: int, deadline_ms: int | None = None, model: str = "resnet18") -> b
             id=f"req{i}",
             model=model,
             deadline_ms=deadline_ms or FAR,
-            input=TensorData("uint8", (1, 1, 3), bytes([i, i, i])),
+            input=TensorData("uint8", (1, 1, 3), bytes([i % 256] * 3)),
         )
     )
 
@@ -32,7 +33,8 @@ def _broker(settings: Settings, wid: str = "w1") -> WorkerBroker:
 
 def test_take_blocks_until_a_frame_arrives_then_returns_at_once(settings: Settings, r: redis.Redis) -> None:
     broker = _broker(settings)
-    pusher = threading.Timer(0.3, lambda: r.rpush(settings.keys.queue("resnet18"), _frame(1)))
+    enqueuer = Enqueuer(r, settings.keys)
+    pusher = threading.Timer(0.3, lambda: enqueuer.push("resnet18", _frame(1), "normal", 100))
     t0 = time.monotonic()
     pusher.start()
     got = broker.take(8, block_s=5.0)
@@ -120,3 +122,44 @@ def test_a_registered_worker_that_stops_heartbeating_is_recovered_and_forgotten(
     assert survivor.recover_dead() == 1  # found through the registry set, no keyspace scan
     assert r.lrange(keys.queue("resnet18"), 0, -1) == [_frame(1)]
     assert b"doomed" not in r.smembers(keys.workers())
+
+
+def test_a_frame_pushed_without_the_doorbell_is_still_found(settings: Settings, r: redis.Redis) -> None:
+    r.rpush(settings.keys.queue("resnet18"), _frame(1))  # e.g. by hand with redis-cli
+    assert _broker(settings).take(8, block_s=0.2) == [_frame(1)]
+
+
+def test_high_priority_goes_first_and_low_keeps_a_share(settings: Settings, r: redis.Redis) -> None:
+    enq = Enqueuer(r, settings.keys)
+    for i in range(30):
+        enq.push("resnet18", _frame(100 + i), "low", 1000)
+    for i in range(30):
+        enq.push("resnet18", _frame(200 + i), "normal", 1000)
+    for i in range(5):
+        enq.push("resnet18", _frame(300 + i), "high", 1000)
+    broker = _broker(settings)
+    first = broker.take(10, 1.0)
+    assert first[:5] == [_frame(300 + i) for i in range(5)]  # every high frame, in order, first
+    assert _frame(100) in first  # 10 slots x 10 %: one for the waiting low frames
+    taken = list(first)
+    while len(taken) < 65:
+        taken.extend(broker.take(10, 1.0))
+    lows = [i for i, f in enumerate(taken) if f in {_frame(100 + i) for i in range(30)}]
+    assert len(lows) == 30 and lows[2] < 40  # low is not starved behind the 30 normal frames
+
+
+def test_the_bound_counts_all_priorities(settings: Settings, r: redis.Redis) -> None:
+    enq = Enqueuer(r, settings.keys)
+    assert [enq.push("m", _frame(i, model="m"), p, 3) for i, p in enumerate(["high", "low", "normal"])] == [1, 2, 3]
+    assert enq.push("m", _frame(9, model="m"), "high", 3) == -1
+
+
+def test_an_idle_peer_is_woken_while_frames_remain(settings: Settings, r: redis.Redis) -> None:
+    enq = Enqueuer(r, settings.keys)
+    for i in range(6):
+        enq.push("resnet18", _frame(i), "normal", 100)
+    a, b = _broker(settings, "a"), _broker(settings, "b")
+    assert len(a.take(4, 1.0)) == 4  # two frames remain: the doorbell rings again for b
+    t0 = time.monotonic()
+    assert len(b.take(4, 5.0)) == 2 and time.monotonic() - t0 < 1.0
+    assert r.exists(settings.keys.wake("resnet18")) == 0  # queues empty: the bell is silent
