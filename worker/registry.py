@@ -1,0 +1,46 @@
+"""Which handler serves ``--model``: a torchvision architecture by name, or a user's own model by
+import string ``package.module:factory``.
+
+The factory is called with no arguments and returns either a ``torch.nn.Module`` (served by
+``ModuleHandler``: the usual image input, one ``{"embedding": [...]}`` per input) or a complete
+handler (``worker.handler.Handler``: ``spec``, ``setup``, ``preprocess``, ``forward``,
+``postprocess``, ``check_input``) for full control of pre- and postprocessing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import cast
+
+import torch
+
+from common.config import Settings
+from worker.handler import Handler, ModuleHandler, TorchvisionClassifier
+
+HANDLER_METHODS = ("setup", "preprocess", "forward", "postprocess", "check_input")
+
+
+def load_handler(settings: Settings) -> Handler:
+    """The handler for ``settings.model``; raises ValueError with a clear message when there is none."""
+    if ":" not in settings.model:
+        decode = settings.preprocess == "worker"
+        return TorchvisionClassifier(settings.model, settings.weights, settings.dtype, settings.channels_last, decode)
+    made = _call_factory(settings.model)
+    if isinstance(made, torch.nn.Module):
+        return ModuleHandler(made, dtype=settings.dtype, channels_last=settings.channels_last)
+    missing = [m for m in HANDLER_METHODS if not callable(getattr(made, m, None))]
+    if missing or not hasattr(made, "spec"):
+        raise ValueError(
+            f"{settings.model} returned a {type(made).__name__}: neither a torch.nn.Module nor a handler "
+            f"(missing {', '.join(missing) or 'spec'})"
+        )
+    return cast(Handler, made)
+
+
+def _call_factory(target: str) -> object:
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import {target!r}: {exc}") from None
+    return factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
