@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
+from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from api.images import open_image, to_model_input
+from api import inference, metrics, openapi, v2
+from api.inference import EXTENSION
+from api.inference import queue as _queue
+from api.inference import settings as _settings
 from api.queue import QueueClient
 from common.config import Settings
 from common.errors import (
@@ -18,15 +23,13 @@ from common.errors import (
     RedbatchError,
     Unauthorized,
     UnsupportedMediaType,
-    error_from_wire,
 )
-from common.protocol import Request, TensorData, new_request_id, now_ms
+from common.protocol import Request, new_request_id, now_ms
 
 logger = logging.getLogger(__name__)
 
-MAX_TOPK = 100
 RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
-EXTENSION = "redbatch"
+MEASURED = ("redbatch.predict", "v2.infer")  # endpoints counted in redbatch_requests_total, by model
 
 bp = Blueprint("redbatch", __name__)
 
@@ -38,8 +41,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[EXTENSION] = {"settings": settings, "queue": QueueClient(settings)}
+    app.extensions[EXTENSION] = {"settings": settings, "queue": QueueClient(settings), "served": set()}
     app.register_blueprint(bp)
+    app.register_blueprint(v2.bp)
+    app.before_request(_start_timer)  # first: it must run even when the API key check refuses
+    app.after_request(_record)
+    app.teardown_request(_stop_timer)
     if settings.api_key_list:
         app.before_request(_require_api_key)
     app.register_error_handler(RedbatchError, _on_error)
@@ -48,53 +55,39 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def _settings() -> Settings:
-    s: Settings = current_app.extensions[EXTENSION]["settings"]
-    return s
-
-
-def _queue() -> QueueClient:
-    q: QueueClient = current_app.extensions[EXTENSION]["queue"]
-    return q
-
-
 @bp.post("/v1/models/<model>/predict")
 def predict(model: str) -> ResponseReturnValue:
     settings = _settings()
     received_ms = now_ms()
-    deadline_ms = _deadline_ms(received_ms)
-    topk = _topk(request.args.get("topk"))
+    deadline_ms = inference.deadline_ms(received_ms)
+    topk = inference.parse_topk(request.args.get("topk"))
+    priority = inference.parse_priority(request.headers.get("X-Priority"))
     body = _image_body()
     info = _queue().model(model)
-    im = open_image(body, settings.max_image_pixels)
-    if im.format == "JPEG" and "jpeg" in info.spec.get("accepts", ()) and im.mode in ("RGB", "L"):
-        tensor = TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
-    else:
-        tensor = to_model_input(im, info.spec, settings.max_image_pixels)
+    g.redbatch_served = True  # a bounded metric label: only names a live worker served
+    tensor = inference.model_input(body, info.spec, settings.max_image_pixels)
     req = Request(
         id=new_request_id(),
         model=model,
         deadline_ms=deadline_ms,
         input=tensor,
-        params={"topk": topk},
+        params={"topk": topk, "priority": priority},
         sent_ms=now_ms(),
     )
-    reply = _queue().call(req)
-    if not reply.ok:
-        assert reply.error is not None
-        raise error_from_wire(reply.error["code"], reply.error["message"])
+    (reply,) = inference.call_all([req], priority)
     assert reply.result is not None
     res = reply.result
-    return jsonify(
-        id=req.id,
-        model=model,
-        predictions=[
-            {"index": i, "label": lab, "score": s} for i, lab, s in zip(res["indices"], res["labels"], res["scores"])
-        ],
-        batch_size=reply.meta.get("batch_size"),
-        queue_ms=reply.meta.get("queue_ms"),
-        infer_ms=reply.meta.get("infer_ms"),
-    )
+    if {"indices", "labels", "scores"} <= res.keys():  # a classifier
+        answer: dict[str, Any] = {
+            "predictions": [
+                {"index": i, "label": lab, "score": s}
+                for i, lab, s in zip(res["indices"], res["labels"], res["scores"])
+            ]
+        }
+    else:  # a user's own handler: its result as it is (e.g. {"embedding": [...]})
+        answer = {"outputs": res}
+    meta = {k: reply.meta.get(k) for k in ("batch_size", "queue_ms", "infer_ms")}
+    return jsonify(id=req.id, model=model, **answer, **meta)
 
 
 @bp.get("/v1/models")
@@ -118,9 +111,45 @@ def readyz() -> ResponseReturnValue:
     return jsonify(status="ready", models=sorted(models))
 
 
+@bp.get("/openapi.json")
+def openapi_document() -> ResponseReturnValue:
+    return jsonify(openapi.DOCUMENT)
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> ResponseReturnValue:
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)
+
+
+def _start_timer() -> None:
+    if request.endpoint in MEASURED:
+        g.redbatch_t0 = time.perf_counter()
+        metrics.IN_PROGRESS.inc()
+
+
+def _record(resp: Response) -> Response:
+    """Count a measured request by model and status; a model label only for names a worker served."""
+    t0 = g.get("redbatch_t0")
+    if t0 is not None:
+        model = (request.view_args or {}).get("model", "")
+        served: set[str] = current_app.extensions[EXTENSION]["served"]
+        if g.get("redbatch_served"):
+            served.add(model)
+        label = model if model in served else ""
+        metrics.observe(label, resp.status_code, g.get("redbatch_error"), time.perf_counter() - t0)
+    return resp
+
+
+def _stop_timer(_exc: BaseException | None) -> None:
+    if g.get("redbatch_t0") is not None:
+        metrics.IN_PROGRESS.dec()
+
+
 def _require_api_key() -> None:
-    """With keys configured, every /v1 route needs ``Authorization: Bearer <key>``; probes do not."""
-    if not request.path.startswith("/v1/"):
+    """With keys configured, every /v1 and /v2/models route needs ``Authorization: Bearer <key>``;
+    probes (and v2's health and server metadata) do not."""
+    if not request.path.startswith(("/v1/", "/v2/models/")):
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -131,33 +160,6 @@ def _require_api_key() -> None:
         matched |= hmac.compare_digest(presented, key.encode())
     if not matched:
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
-
-
-def _deadline_ms(received_ms: int) -> int:
-    """The request's deadline: the configured timeout, or shorter if the client asks for it."""
-    limit_ms = int(_settings().request_timeout_s * 1000)
-    raw = request.headers.get("X-Request-Timeout-Ms")
-    if raw is None:
-        return received_ms + limit_ms
-    try:
-        asked = int(raw)
-    except ValueError:
-        raise BadRequest(f"X-Request-Timeout-Ms must be a positive integer, not {raw[:20]!r}") from None
-    if asked < 1:
-        raise BadRequest("X-Request-Timeout-Ms must be a positive integer")
-    return received_ms + min(asked, limit_ms)
-
-
-def _topk(raw: str | None) -> int:
-    if raw is None:
-        return 5
-    try:
-        k = int(raw)
-    except ValueError:
-        raise BadRequest(f"topk must be an integer from 1 to {MAX_TOPK}, not {raw[:20]!r}") from None
-    if not 1 <= k <= MAX_TOPK:
-        raise BadRequest(f"topk must be an integer from 1 to {MAX_TOPK}, not {k}")
-    return k
 
 
 def _image_body() -> bytes:
@@ -179,6 +181,7 @@ def _image_body() -> bytes:
 
 
 def _on_error(exc: RedbatchError) -> ResponseReturnValue:
+    g.redbatch_error = exc.code
     if exc.status >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
     resp = jsonify(error=exc.to_wire())
@@ -196,6 +199,8 @@ def _on_http_error(exc: HTTPException) -> ResponseReturnValue:
     code = (exc.name or "error").lower().replace(" ", "_")
     resp = jsonify(error={"code": code, "message": exc.description or exc.name})
     resp.status_code = exc.code or 500
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        resp.headers["Allow"] = ", ".join(exc.valid_methods)
     return resp
 
 

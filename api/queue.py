@@ -82,14 +82,24 @@ class QueueClient:
 
     def call(self, req: Request, priority: str = "normal") -> Reply:
         """Enqueue ``req`` at ``priority`` and block (BLPOP, no polling) until its reply or its deadline."""
-        reply_key = self._keys.reply(req.id)
+        self.submit(req, priority)
+        return self.wait(req)
+
+    def submit(self, req: Request, priority: str = "normal") -> None:
+        """Enqueue ``req`` at ``priority``; raises ``QueueFull`` at the bound, ``Unavailable`` when Redis is down."""
+        bound = self._settings.max_queue_length
         try:
-            bound = self._settings.max_queue_length
             n = self._enqueuer.push(req.model, encode_request(req), priority, bound)
-            if n == -1:
-                raise QueueFull(f"the queue of {req.model!r} is full ({bound} waiting)")
-            left_s = (req.deadline_ms - now_ms()) / 1000.0
-            got = self._r.blpop([reply_key], timeout=max(left_s, MIN_BLOCK_S)) if left_s > 0 else None
+        except redis.RedisError as exc:
+            raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+        if n == -1:
+            raise QueueFull(f"the queue of {req.model!r} is full ({bound} waiting)")
+
+    def wait(self, req: Request) -> Reply:
+        """Block (BLPOP, no polling) until the reply to a submitted ``req`` or its deadline (``DeadlineExceeded``)."""
+        left_s = (req.deadline_ms - now_ms()) / 1000.0
+        try:
+            got = self._r.blpop([self._keys.reply(req.id)], timeout=max(left_s, MIN_BLOCK_S)) if left_s > 0 else None
         except redis.RedisError as exc:
             raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
         if got is None:

@@ -7,11 +7,20 @@ requests as it has threads (``--threads``); processes (``--workers``) add CPU fo
 from __future__ import annotations
 
 import argparse
+import glob
+import os
+import shutil
+import sys
+import tempfile
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 from common.config import API_FLAGS, Settings, add_flags
+
+# Where every process writes its metric values (read by api/metrics.py; not imported here, as
+# importing prometheus_client before the variable is set would fix it in single-process mode).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics_dir: str | None = None) -> None:
         self.settings = settings
+        self.metrics_dir = metrics_dir  # made by us, removed at exit
         super().__init__()
 
     def load_config(self) -> None:
@@ -37,6 +47,8 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
             "keepalive": 5,
             "loglevel": s.log_level.lower(),
             "accesslog": None,
+            "child_exit": _child_exit,
+            "on_exit": _on_exit,
         }
         if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 24: one shared path per user
             options["control_socket_disable"] = True
@@ -50,5 +62,35 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
 
 def run(settings: Settings) -> int:
-    _Gunicorn(settings).run()
+    _Gunicorn(settings, prepare_metrics_dir()).run()
     return 0
+
+
+def prepare_metrics_dir() -> str | None:
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at an empty directory before gunicorn forks: a fresh
+    temporary one (returned, to be removed at exit) unless the variable is set, in which case the
+    files a previous run left there are wiped (their counts would be added to this run's)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        if "prometheus_client" in sys.modules:  # it chose single-process mode already
+            raise RuntimeError(f"prometheus_client was imported before {MULTIPROC_ENV} was set")
+        made = tempfile.mkdtemp(prefix="redbatch-metrics-")
+        os.environ[MULTIPROC_ENV] = made
+        return made
+    os.makedirs(path, exist_ok=True)
+    for f in glob.glob(os.path.join(path, "*.db")):
+        os.remove(f)
+    return None
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    """A dead process's live gauges (requests in progress) must stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def _on_exit(server: Any) -> None:
+    made = getattr(server.app, "metrics_dir", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)

@@ -1,5 +1,5 @@
-"""The ``redbatch`` command: ``api``, ``worker``, ``up`` and ``bench``. Each side is imported only when used,
-so ``redbatch api`` never imports torch."""
+"""The ``redbatch`` command: ``api``, ``worker``, ``up``, ``bench``, ``predict`` and ``top``. Each side is
+imported only when used, so ``redbatch api`` never imports torch."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from api import server
-    from common import bench, up
+    from common import bench, predict, top, up
 
     p_api = sub.add_parser("api", help="serve the HTTP API (gunicorn, no torch)")
     server.add_arguments(p_api)
@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_arguments(p_up)
     p_bench = sub.add_parser("bench", help="closed-loop HTTP load on a service, or --in-process: the model's own limit")
     bench.add_arguments(p_bench)
+    p_predict = sub.add_parser("predict", help="classify images with a running service; print labels and scores")
+    predict.add_arguments(p_predict)
+    p_top = sub.add_parser("top", help="live view of queues, workers, rates and batch sizes, read from Redis")
+    add_flags(p_top, ("redis_url", "prefix", "log_level"))
+    top.add_arguments(p_top)
 
     args = parser.parse_args(argv)
     try:
@@ -44,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return bench_inprocess.run(args)
         return bench.run(args)
+    if args.command == "predict":
+        return predict.run(args)
+    if args.command == "top":
+        return top.run(settings, args.interval_s, args.once)
     return up.run(settings, args)
 
 

@@ -30,7 +30,7 @@ _HELP = {
     "bind": "HOST:PORT the API listens on",
     "api_workers": "gunicorn worker processes",
     "api_threads": "threads per gunicorn process (each holds one waiting request)",
-    "model": "torchvision architecture name (resnet18, mobilenet_v3_small, ...)",
+    "model": "torchvision architecture (resnet18, ...) or your own model as package.module:factory",
     "model_name": "name to serve the model under (default: the architecture)",
     "weights": "PATH to a state_dict, DEFAULT (torchvision pretrained), random, or auto (DEFAULT, else random)",
     "device": "cpu, cuda, cuda:N or auto",
@@ -44,6 +44,7 @@ _HELP = {
     "worker_ttl_s": "a worker whose registration is older than this is dead",
     "torch_threads": "torch intra-op threads (0: torch's default)",
     "channels_last": "run the model in channels_last memory format",
+    "metrics_port": "port of the worker's Prometheus /metrics (all interfaces; 0: off)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 
@@ -56,7 +57,7 @@ API_FLAGS = (
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
     "window_ms", "preprocess", "batch_buckets", "heartbeat_s", "worker_ttl_s", "reply_ttl_s",
-    "request_timeout_s", "torch_threads", "channels_last", "log_level",
+    "request_timeout_s", "torch_threads", "channels_last", "metrics_port", "log_level",
 )  # fmt: skip
 
 
@@ -89,6 +90,7 @@ class Settings:
     worker_ttl_s: float = 10.0
     torch_threads: int = 0
     channels_last: bool = True
+    metrics_port: int = 0
     log_level: str = "INFO"
 
     @classmethod
@@ -124,7 +126,8 @@ class Settings:
 
     @property
     def served_name(self) -> str:
-        return self.model_name or self.model
+        """The name clients use: ``model_name``, else the architecture, else an import string's factory name."""
+        return self.model_name or self.model.rsplit(":", 1)[-1]
 
 
 def add_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:

@@ -42,6 +42,11 @@ def live_workers(r: redis.Redis, keys: Keys) -> list[WorkerInfo]:
     return out
 
 
+def worker_from_hash(wid: str, raw: dict[Any, Any]) -> WorkerInfo | None:
+    """A worker's hash as HGETALL returns it (bytes or str); None when it is gone or partial."""
+    return _parse(wid, {_s(k): _s(v) for k, v in raw.items()})
+
+
 def _parse(wid: str, fields: dict[str, str]) -> WorkerInfo | None:
     try:
         return WorkerInfo(

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Everything the tests need, from a fresh machine: redis-server (apt, when root and missing),
+# Everything the tests need, from a fresh machine: redis-server and nginx (apt, when root and missing),
 # a venv in .venv with the project and its worker and test extras, then lint, types and pytest.
 # Extra arguments go to pytest, e.g.  scripts/test.sh -k batching
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages: redis-server (required); nginx to check docker/nginx.conf (its tests skip without it).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  else
+    apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+      || echo "could not install ${missing[*]}" >&2
+  fi
+  command -v redis-server >/dev/null 2>&1 || {
     echo "redis-server is missing: install it (apt-get install redis-server / brew install redis)" >&2
     exit 1
-  fi
+  }
 fi
 
 PY=${PYTHON:-python3}

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torchvision
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from common.errors import InvalidImage
@@ -51,6 +52,9 @@ class InputSpec:
         return d
 
 
+IMAGENET_SPEC = InputSpec(256, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 class Handler(Protocol):
     spec: InputSpec
 
@@ -65,37 +69,25 @@ class Handler(Protocol):
     def check_input(self, t: TensorData) -> str | None: ...
 
 
-class TorchvisionClassifier:
-    """Any torchvision classification architecture, with its preset's preprocessing and labels."""
+class ImageHandler:
+    """What every image model shares: a model-sized uint8 input (or JPEG bytes it decodes), scaled
+    and normalised on the device, and a model run in ``dtype`` and memory format. Subclasses provide
+    ``build()`` (the module, on the CPU) and ``postprocess``."""
 
-    def __init__(
-        self, arch: str, weights: str, dtype: str = "float32", channels_last: bool = True, decode_jpeg: bool = False
-    ) -> None:
+    def __init__(self, spec: InputSpec, dtype: str = "float32", channels_last: bool = True) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-        try:
-            self._meta_weights = torchvision.models.get_model_weights(arch).DEFAULT
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"unknown torchvision architecture {arch!r}: {exc}") from None
-        preset = self._meta_weights.transforms()
-        self.arch = arch
-        self.weights = weights
-        self.categories: list[str] = list(self._meta_weights.meta["categories"])
-        self.spec = InputSpec(
-            resize_size=int(preset.resize_size[0]),
-            crop_size=int(preset.crop_size[0]),
-            interpolation=str(preset.interpolation.value),
-            mean=tuple(float(m) for m in preset.mean),
-            std=tuple(float(s) for s in preset.std),
-            accepts=("uint8", "jpeg") if decode_jpeg else ("uint8",),
-        )
-        self._interpolation = preset.interpolation
+        self.spec = spec
+        self._interpolation = InterpolationMode(spec.interpolation)
         self.dtype = DTYPES[dtype]
         self.channels_last = channels_last
         self.weights_source = ""
 
+    def build(self) -> torch.nn.Module:
+        raise NotImplementedError
+
     def setup(self, device: torch.device) -> None:
-        model = self._load()
+        model = self.build()
         model.eval().to(device=device, dtype=self.dtype)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -104,46 +96,6 @@ class TorchvisionClassifier:
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.spec.mean, device=device).view(shape)
         self._std = torch.tensor(self.spec.std, device=device).view(shape)
-
-    def _load(self) -> torch.nn.Module:
-        w = self.weights
-        if w.lower() == "random":
-            return self._random()
-        if w.upper() in ("DEFAULT", "AUTO"):
-            try:
-                model: torch.nn.Module = torchvision.models.get_model(self.arch, weights="DEFAULT")
-                self.weights_source = "DEFAULT"
-                return model
-            except Exception as exc:
-                if w.upper() == "DEFAULT":
-                    raise RuntimeError(
-                        f"could not load pretrained weights for {self.arch} ({exc}); "
-                        "pass --weights PATH for a local state_dict, or --weights random"
-                    ) from exc
-                logger.warning("pretrained weights for %s unavailable (%s)", self.arch, exc)
-                return self._random()
-        model = self._build()
-        state = torch.load(w, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise ValueError(f"{w} does not hold a state_dict")
-        model.load_state_dict(state)
-        self.weights_source = w
-        return model
-
-    def _random(self) -> torch.nn.Module:
-        logger.warning(
-            "\n%s\n  %s is running with RANDOMLY INITIALISED weights: its predictions are MEANINGLESS.\n"
-            "  Use --weights DEFAULT (pretrained, needs the download) or --weights PATH (a state_dict).\n%s",
-            "!" * 78,
-            self.arch,
-            "!" * 78,
-        )
-        self.weights_source = "random"
-        return self._build()
-
-    def _build(self) -> torch.nn.Module:
-        model: torch.nn.Module = torchvision.models.get_model(self.arch, weights=None)
-        return model
 
     def preprocess(self, inputs: Sequence[TensorData]) -> torch.Tensor:
         """uint8 crops (HWC, from the API) and JPEG bytes (decoded here, on the GPU when there is
@@ -194,6 +146,82 @@ class TorchvisionClassifier:
         out: torch.Tensor = self.model(batch)
         return out
 
+    def check_input(self, t: TensorData) -> str | None:
+        """Why ``t`` cannot go into a batch, or None when it can."""
+        if t.dtype == "uint8" and tuple(t.shape) == self.spec.shape:
+            return None
+        if t.dtype == "jpeg" and "jpeg" in self.spec.accepts and len(t.shape) == 1:
+            return None
+        return f"input must be uint8 {list(self.spec.shape)} (or JPEG bytes: {self.spec.accepts}), got {t.dtype}"
+
+
+class TorchvisionClassifier(ImageHandler):
+    """Any torchvision classification architecture, with its preset's preprocessing and labels."""
+
+    def __init__(
+        self, arch: str, weights: str, dtype: str = "float32", channels_last: bool = True, decode_jpeg: bool = False
+    ) -> None:
+        try:
+            self._meta_weights = torchvision.models.get_model_weights(arch).DEFAULT
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"unknown torchvision architecture {arch!r}: {exc}") from None
+        preset = self._meta_weights.transforms()
+        spec = InputSpec(
+            resize_size=int(preset.resize_size[0]),
+            crop_size=int(preset.crop_size[0]),
+            interpolation=str(preset.interpolation.value),
+            mean=tuple(float(m) for m in preset.mean),
+            std=tuple(float(s) for s in preset.std),
+            accepts=("uint8", "jpeg") if decode_jpeg else ("uint8",),
+        )
+        super().__init__(spec, dtype, channels_last)
+        self.arch = arch
+        self.weights = weights
+        self.categories: list[str] = list(self._meta_weights.meta["categories"])
+
+    def build(self) -> torch.nn.Module:
+        return self._load()
+
+    def _load(self) -> torch.nn.Module:
+        w = self.weights
+        if w.lower() == "random":
+            return self._random()
+        if w.upper() in ("DEFAULT", "AUTO"):
+            try:
+                model: torch.nn.Module = torchvision.models.get_model(self.arch, weights="DEFAULT")
+                self.weights_source = "DEFAULT"
+                return model
+            except Exception as exc:
+                if w.upper() == "DEFAULT":
+                    raise RuntimeError(
+                        f"could not load pretrained weights for {self.arch} ({exc}); "
+                        "pass --weights PATH for a local state_dict, or --weights random"
+                    ) from exc
+                logger.warning("pretrained weights for %s unavailable (%s)", self.arch, exc)
+                return self._random()
+        model = self._build()
+        state = torch.load(w, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{w} does not hold a state_dict")
+        model.load_state_dict(state)
+        self.weights_source = w
+        return model
+
+    def _random(self) -> torch.nn.Module:
+        logger.warning(
+            "\n%s\n  %s is running with RANDOMLY INITIALISED weights: its predictions are MEANINGLESS.\n"
+            "  Use --weights DEFAULT (pretrained, needs the download) or --weights PATH (a state_dict).\n%s",
+            "!" * 78,
+            self.arch,
+            "!" * 78,
+        )
+        self.weights_source = "random"
+        return self._build()
+
+    def _build(self) -> torch.nn.Module:
+        model: torch.nn.Module = torchvision.models.get_model(self.arch, weights=None)
+        return model
+
     def postprocess(self, output: torch.Tensor, params: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ks = [int(p.get("topk", 5)) for p in params]
         k = min(max(ks), output.shape[1])
@@ -207,10 +235,20 @@ class TorchvisionClassifier:
     def _label(self, index: int) -> str:
         return self.categories[index] if index < len(self.categories) else str(index)
 
-    def check_input(self, t: TensorData) -> str | None:
-        """Why ``t`` cannot go into a batch, or None when it can."""
-        if t.dtype == "uint8" and tuple(t.shape) == self.spec.shape:
-            return None
-        if t.dtype == "jpeg" and "jpeg" in self.spec.accepts and len(t.shape) == 1:
-            return None
-        return f"input must be uint8 {list(self.spec.shape)} (or JPEG bytes: {self.spec.accepts}), got {t.dtype}"
+
+class ModuleHandler(ImageHandler):
+    """A user's own ``torch.nn.Module`` (an embedding model, say): the API's usual image input, and
+    each input's output row returned as ``{"embedding": [...]}``."""
+
+    def __init__(self, module: torch.nn.Module, spec: InputSpec | None = None, dtype: str = "float32",
+                 channels_last: bool = True) -> None:  # fmt: skip
+        super().__init__(spec or IMAGENET_SPEC, dtype, channels_last)
+        self.module = module
+        self.weights_source = "the factory's own"
+
+    def build(self) -> torch.nn.Module:
+        return self.module
+
+    def postprocess(self, output: torch.Tensor, params: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = output.float().flatten(1).cpu().tolist()
+        return [{"embedding": row} for row in rows]

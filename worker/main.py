@@ -9,7 +9,9 @@ import torch
 
 from common.config import Settings
 from common.redisconn import connect
-from worker.handler import TorchvisionClassifier
+from worker.handler import Handler
+from worker.metrics import serve as serve_metrics
+from worker.registry import load_handler
 from worker.runner import BLOCK_S, Worker, batch_buckets
 
 logger = logging.getLogger(__name__)
@@ -34,18 +36,22 @@ def run(settings: Settings) -> int:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    handler = TorchvisionClassifier(
-        settings.model, settings.weights, settings.dtype, settings.channels_last, settings.preprocess == "worker"
-    )
+    try:
+        handler = load_handler(settings)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     handler.setup(device)
     _warm_up(handler, batch_buckets(settings, device) or [1])
-    logger.info("loaded %s (%s weights) on %s", settings.model, handler.weights_source, device)
+    source = getattr(handler, "weights_source", "") or "its own"
+    logger.info("loaded %s (%s weights) on %s as %r", settings.model, source, device, settings.served_name)
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S))
+    if settings.metrics_port:
+        serve_metrics(settings, worker.id)
     worker.install_signal_handlers()
     return worker.run()
 
 
-def _warm_up(handler: TorchvisionClassifier, sizes: list[int]) -> None:
+def _warm_up(handler: Handler, sizes: list[int]) -> None:
     """A pass at every batch size the worker will run, so no request pays for lazy initialisation
     (and, on CUDA, for cuDNN choosing its plans)."""
     from common.protocol import TensorData

@@ -38,6 +38,7 @@ from common.protocol import Reply, Request, decode_request, now_ms
 from worker.batching import LocalBuffer, bucket_for, bucket_sizes, collect_batch
 from worker.broker import Outgoing, WorkerBroker
 from worker.handler import MAX_TOPK, Handler
+from worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Worker:
         self.stop = threading.Event()
         self.started_ms = now_ms()
         self.batches = 0
+        self.metrics = WorkerMetrics(settings.served_name)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -76,6 +78,7 @@ class Worker:
         """Serve until SIGTERM/SIGINT (or ``self.stop``); finish and answer what was taken; return 0."""
         self._retry_redis(self.broker.register, self._fields())
         self._retry_redis(self.broker.recover_dead, True)
+        self.metrics.up.set(1)
         threads = [
             threading.Thread(target=self._collect_loop, name="collector", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
@@ -96,6 +99,7 @@ class Worker:
             items = collect_batch(self.buffer, self.batch_cap, window_s, time.monotonic, IDLE_S)
             if items:
                 self.process(items)
+        self.metrics.up.set(0)
         threads[0].join()  # the collector takes nothing more once stop is set
         self.buffer.close()
         while leftover := [a.item for a in self.buffer.take(self.batch_cap, 0)]:
@@ -254,6 +258,7 @@ class Worker:
             return self._run(items[:mid], counts) + self._run(items[mid:], counts)
         infer_ms = (time.perf_counter() - t0) * 1000.0
         counts["items"] += len(items)
+        self.metrics.batch(len(items), infer_ms / 1000.0, (start_ms - it.req.sent_ms for it in items if it.req.sent_ms))
         logger.debug("batch of %d in %.1f ms", len(items), infer_ms)
         return [
             Outgoing(
@@ -284,6 +289,7 @@ class Worker:
     def _send(self, out: list[Outgoing], counts: Counter[str]) -> None:
         """Hand replies to the replier thread, so that they go out while the next batch runs.
         The queue is short: if Redis falls behind, the forward pass waits rather than piling up."""
+        self.metrics.count(counts)
         self._outbox.put((out, counts))
 
     def _reply_loop(self) -> None:

@@ -317,3 +317,44 @@ def test_padded_batches_answer_only_the_real_items(tiny: Settings, start_worker:
     assert set(w.handler.batch_sizes) <= {1, 2, 4, 8}  # the model only ever saw bucket shapes
     reported = [bs for _, _, bs in results]  # batch_size counts real requests, never the padding
     assert max(reported) <= len(values) and max(w.handler.batch_sizes) >= max(reported)
+
+
+def test_x_priority_picks_the_list_and_bad_values_are_400(tiny: Settings, r: redis.Redis) -> None:
+    s = tiny.replace(request_timeout_s=0.2)
+    _fake_registration(s)
+    client = _client(s)
+    for prio in ("high", "low", "HIGH"):
+        assert (
+            client.post("/v1/models/tiny/predict", data=_solid(1), headers={**JPEG, "X-Priority": prio}).status_code
+            == 504
+        )
+    assert r.llen(s.keys.queue("tiny", "high")) == 2 and r.llen(s.keys.queue("tiny", "low")) == 1
+    assert decode_request(r.lindex(s.keys.queue("tiny", "low"), 0)).params["priority"] == "low"
+    resp = client.post("/v1/models/tiny/predict", data=_solid(1), headers={**JPEG, "X-Priority": "urgent"})
+    assert resp.status_code == 400 and "priority must be one of" in resp.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize("priority,lst", [("high", "high"), (1, "high"), (0, "normal"), ("LOW", "low"), (3, "low")])
+def test_v2_priority_parameter_picks_the_list(tiny: Settings, r: redis.Redis, priority: object, lst: str) -> None:
+    import base64
+
+    s = tiny.replace(request_timeout_s=0.2)
+    _fake_registration(s)
+    body = {
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(_solid(5)).decode()]}
+        ],
+        "parameters": {"priority": priority},
+    }
+    resp = _client(s).post("/v2/models/tiny/infer", json=body)
+    assert resp.status_code == 504
+    assert r.llen(s.keys.queue("tiny", lst)) == 1
+
+
+def test_v2_bad_priority_is_400(tiny: Settings) -> None:
+    _fake_registration(tiny)
+    body = {
+        "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}],
+        "parameters": {"priority": "vip"},
+    }
+    assert _client(tiny).post("/v2/models/tiny/infer", json=body).status_code == 400

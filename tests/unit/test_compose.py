@@ -79,8 +79,8 @@ def test_compose_file_follows_the_compose_specification(compose: dict[str, Any])
     assert "version" not in compose, "the top-level version key is obsolete in the Compose Specification"
 
 
-def test_compose_has_redis_api_and_worker(compose: dict[str, Any]) -> None:
-    assert {"redis", "api", "worker"} <= set(compose["services"])
+def test_compose_has_the_whole_stack(compose: dict[str, Any]) -> None:
+    assert {"redis", "api", "worker", "nginx", "prometheus", "grafana", "dcgm-exporter"} <= set(compose["services"])
 
 
 @pytest.mark.parametrize("service", ["api", "worker"])

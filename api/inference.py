@@ -1,0 +1,106 @@
+"""The request path both HTTP APIs (``/v1`` and the Open Inference Protocol's ``/v2``) share: the
+app's resources, the deadline and ``topk`` of a request, an image turned into a frame's input, and
+frames queued and awaited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, request
+
+from api.images import open_image, to_model_input
+from api.queue import QueueClient
+from common.config import Settings
+from common.errors import BadRequest, error_from_wire
+from common.protocol import Reply, Request, TensorData
+from common.queues import PRIORITIES
+
+EXTENSION = "redbatch"
+MAX_TOPK = 100
+DEFAULT_TOPK = 5
+
+
+def settings() -> Settings:
+    s: Settings = current_app.extensions[EXTENSION]["settings"]
+    return s
+
+
+def queue() -> QueueClient:
+    q: QueueClient = current_app.extensions[EXTENSION]["queue"]
+    return q
+
+
+def deadline_ms(received_ms: int) -> int:
+    """The request's deadline: the configured timeout, or shorter if the client asks for it."""
+    limit_ms = int(settings().request_timeout_s * 1000)
+    raw = request.headers.get("X-Request-Timeout-Ms")
+    if raw is None:
+        return received_ms + limit_ms
+    try:
+        asked = int(raw)
+    except ValueError:
+        raise BadRequest(f"X-Request-Timeout-Ms must be a positive integer, not {raw[:20]!r}") from None
+    if asked < 1:
+        raise BadRequest("X-Request-Timeout-Ms must be a positive integer")
+    return received_ms + min(asked, limit_ms)
+
+
+def parse_topk(raw: object) -> int:
+    """``topk`` from a query string (str) or a JSON parameter (int): 1 to MAX_TOPK, DEFAULT_TOPK when absent."""
+    if raw is None:
+        return DEFAULT_TOPK
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise BadRequest(f"topk must be an integer from 1 to {MAX_TOPK}, not {str(raw)[:20]!r}")
+    try:
+        k = int(raw)
+    except ValueError:
+        raise BadRequest(f"topk must be an integer from 1 to {MAX_TOPK}, not {str(raw)[:20]!r}") from None
+    if not 1 <= k <= MAX_TOPK:
+        raise BadRequest(f"topk must be an integer from 1 to {MAX_TOPK}, not {k}")
+    return k
+
+
+def model_input(body: bytes, spec: dict[str, Any], max_pixels: int) -> TensorData:
+    """An encoded image as a model of ``spec`` takes it: the JPEG itself when every worker of the model
+    decodes JPEGs on its device, else the resized and cropped uint8 pixels (``to_model_input``).
+
+    Raises ``InvalidImage`` or ``PayloadTooLarge``.
+    """
+    im = open_image(body, max_pixels)
+    if im.format == "JPEG" and "jpeg" in spec.get("accepts", ()) and im.mode in ("RGB", "L"):
+        return TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
+    return to_model_input(im, spec, max_pixels)
+
+
+def parse_priority(raw: object) -> str:
+    """``high | normal | low`` (any case; default normal), or a Triton-style integer: 0 is the
+    default, 1 the highest, 2 and above lower. Raises ``BadRequest``."""
+    if raw is None:
+        return "normal"
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+        return "normal" if raw == 0 else "high" if raw == 1 else "low"
+    value = raw.strip().lower() if isinstance(raw, str) else ""
+    if value not in PRIORITIES:
+        raise BadRequest(f"priority must be one of {', '.join(PRIORITIES)}, not {str(raw)[:20]!r}")
+    return value
+
+
+def call_all(reqs: list[Request], priority: str = "normal") -> list[Reply]:
+    """Queue every request, then await each reply in order; the successful replies, in order.
+
+    All frames are queued before the first wait, so the requests of one client call can share a
+    batch without a thread each. Raises the first error: ``QueueFull`` or ``Unavailable`` while
+    queueing, ``DeadlineExceeded``, or the error a worker reported. Frames already queued when an
+    error is raised are still answered by a worker, and their replies expire unread.
+    """
+    q = queue()
+    for req in reqs:
+        q.submit(req, priority)
+    return [_checked(q.wait(req)) for req in reqs]
+
+
+def _checked(reply: Reply) -> Reply:
+    if not reply.ok:
+        assert reply.error is not None
+        raise error_from_wire(reply.error["code"], reply.error["message"])
+    return reply
