@@ -142,6 +142,7 @@ SCHEMAS: dict[str, Any] = {
             "platform": {"type": "string"},
             "inputs": {"type": "array", "items": _ref("TensorMetadata")},
             "outputs": {"type": "array", "items": _ref("TensorMetadata")},
+            "parameters": _ref("Parameters"),  # live_workers, max_batch_size, devices, resize/crop size
         },
     },
     "Parameters": {

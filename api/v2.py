@@ -109,6 +109,13 @@ def model_metadata(model: str) -> ResponseReturnValue:
             {"name": "pixels", "datatype": "UINT8", "shape": [-1, *shape]},
         ],
         outputs=[{"name": name, "datatype": dt, "shape": [-1, -1]} for name, dt in OUTPUTS.items()],
+        parameters={
+            "live_workers": len(info.workers),
+            "max_batch_size": info.max_batch_size,
+            "devices": ",".join(sorted({w.device for w in info.workers})),
+            "resize_size": int(info.spec.get("resize_size", 0)),
+            "crop_size": int(info.spec.get("crop_size", 0)),
+        },
     )
 
 

@@ -61,6 +61,7 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     assert meta["name"] == ARCH
     assert {(i["name"], i["datatype"]) for i in meta["inputs"]} == {("image", "BYTES"), ("pixels", "UINT8")}
     assert [i["shape"] for i in meta["inputs"] if i["datatype"] == "UINT8"] == [[-1, 224, 224, 3]]
+    assert meta["parameters"]["live_workers"] == 1 and meta["parameters"]["max_batch_size"] == 16
     assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [
         ("scores", "FP32"),
         ("indices", "INT64"),
