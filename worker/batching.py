@@ -63,6 +63,14 @@ def collect_batch(
     return [a.item for a in got]
 
 
+def effective_window(window_s: float, mean_gap_s: float) -> float:
+    """The window worth waiting for a partial batch: the configured one while items arrive on
+    average at least once per window, none when they come rarer than that. A lone request on a
+    quiet worker (one closed-loop client, say) then goes at once instead of waiting for company
+    that is unlikely to come; under load, batches fill before the window matters anyway."""
+    return window_s if mean_gap_s <= window_s else 0.0
+
+
 def bucket_sizes(max_size: int) -> list[int]:
     """Powers of two below ``max_size``, then ``max_size``: the shapes a padded batch can take."""
     sizes, b = [], 1
@@ -90,12 +98,24 @@ class LocalBuffer(Generic[T]):
         self._clock = clock
         self._cond = threading.Condition()
         self._closed = False
+        self._last_put_s: float | None = None
+        self._mean_gap_s = float("inf")
 
     def put(self, items: Sequence[T]) -> None:
         now = self._clock()
         with self._cond:
+            if self._last_put_s is not None and items:
+                gap = (now - self._last_put_s) / len(items)
+                self._mean_gap_s = gap if self._mean_gap_s == float("inf") else 0.8 * self._mean_gap_s + 0.2 * gap
+            self._last_put_s = now
             self._items.extend(Arrival(it, now) for it in items)
             self._cond.notify_all()
+
+    @property
+    def mean_gap_s(self) -> float:
+        """Moving average of the time between arrivals (per item); infinite until two puts were seen."""
+        with self._cond:
+            return self._mean_gap_s
 
     def wait_for_room(self, timeout_s: float) -> int:
         """Block until fewer than ``capacity`` items are buffered; return the free room (0 on timeout)."""

@@ -35,7 +35,7 @@ from common.errors import (
     RedbatchError,
 )
 from common.protocol import Reply, Request, decode_request, now_ms
-from worker.batching import LocalBuffer, bucket_for, bucket_sizes, collect_batch
+from worker.batching import LocalBuffer, bucket_for, bucket_sizes, collect_batch, effective_window
 from worker.broker import Outgoing, WorkerBroker
 from worker.handler import MAX_TOPK, Handler
 from worker.metrics import WorkerMetrics
@@ -96,7 +96,8 @@ class Worker:
         )
         window_s = self.settings.window_ms / 1000.0
         while not self.stop.is_set():
-            items = collect_batch(self.buffer, self.batch_cap, window_s, time.monotonic, IDLE_S)
+            window = effective_window(window_s, self.buffer.mean_gap_s)
+            items = collect_batch(self.buffer, self.batch_cap, window, time.monotonic, IDLE_S)
             if items:
                 self.process(items)
         self.metrics.up.set(0)

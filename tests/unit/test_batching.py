@@ -138,3 +138,21 @@ def test_bucket_sizes_are_powers_of_two_capped_by_the_max() -> None:
     assert bucket_sizes(128) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert [bucket_for(n, bucket_sizes(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
     assert bucket_for(7, []) == 7
+
+
+def test_the_window_is_skipped_when_arrivals_are_rarer_than_it() -> None:
+    from worker.batching import effective_window
+
+    clock = FakeClock()
+    buf: LocalBuffer[str] = LocalBuffer(capacity=64, clock=clock)
+    assert effective_window(0.002, buf.mean_gap_s) == 0.0  # nothing known yet: do not wait
+    for i in range(20):  # one closed-loop client: a request every 15 ms
+        clock.now = i * 0.015
+        buf.put([f"r{i}"])
+    assert buf.mean_gap_s == pytest.approx(0.015)
+    assert effective_window(0.002, buf.mean_gap_s) == 0.0
+    for i in range(40):  # then a burst: 8 requests every 4 ms, 0.5 ms apart on average
+        clock.now += 0.004
+        buf.put([f"b{i}-{j}" for j in range(8)])
+    assert buf.mean_gap_s < 0.002
+    assert effective_window(0.002, buf.mean_gap_s) == 0.002
