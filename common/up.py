@@ -93,6 +93,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (a shell's `&`)
     try:
         settings = _redis(settings, stack)
         env = child_env(settings)
