@@ -24,7 +24,7 @@ from common.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from common.protocol import Request, new_request_id, now_ms
+from common.protocol import now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,7 @@ def predict(model: str) -> ResponseReturnValue:
     info = _queue().model(model)
     g.redbatch_served = True  # a bounded metric label: only names a live worker served
     tensor = inference.model_input(body, info.spec, settings.max_image_pixels)
-    req = Request(
-        id=new_request_id(),
-        model=model,
-        deadline_ms=deadline_ms,
-        input=tensor,
-        params={"topk": topk, "priority": priority},
-        sent_ms=now_ms(),
-    )
+    req = inference.new_request(model, deadline_ms, tensor, topk, priority)
     (reply,) = inference.call_all([req], priority)
     assert reply.result is not None
     res = reply.result

@@ -12,7 +12,7 @@ from api.images import open_image, to_model_input
 from api.queue import QueueClient
 from common.config import Settings
 from common.errors import BadRequest, error_from_wire
-from common.protocol import Reply, Request, TensorData
+from common.protocol import Reply, Request, TensorData, new_request_id, now_ms
 from common.queues import PRIORITIES
 
 EXTENSION = "redbatch"
@@ -70,6 +70,18 @@ def model_input(body: bytes, spec: dict[str, Any], max_pixels: int) -> TensorDat
     if im.format == "JPEG" and "jpeg" in spec.get("accepts", ()) and im.mode in ("RGB", "L"):
         return TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
     return to_model_input(im, spec, max_pixels)
+
+
+def new_request(model: str, deadline_ms: int, tensor: TensorData, topk: int, priority: str) -> Request:
+    """A request frame for one input; the priority travels in it so a recovered frame keeps it."""
+    return Request(
+        id=new_request_id(),
+        model=model,
+        deadline_ms=deadline_ms,
+        input=tensor,
+        params={"topk": topk, "priority": priority},
+        sent_ms=now_ms(),
+    )
 
 
 def parse_priority(raw: object) -> str:

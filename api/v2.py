@@ -43,7 +43,7 @@ from common.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from common.protocol import Request, TensorData, new_request_id, now_ms
+from common.protocol import TensorData, now_ms
 
 logger = logging.getLogger(__name__)
 
@@ -143,17 +143,7 @@ def infer(model: str) -> ResponseReturnValue:
     info = inference.queue().model(model)
     g.redbatch_served = True  # for the API's metrics, as in /v1's predict
     images = _images(tensor, info.spec, settings.max_image_pixels)
-    reqs = [
-        Request(
-            id=new_request_id(),
-            model=model,
-            deadline_ms=deadline_ms,
-            input=t,
-            params={"topk": topk, "priority": priority},
-            sent_ms=now_ms(),
-        )
-        for t in images
-    ]
+    reqs = [inference.new_request(model, deadline_ms, t, topk, priority) for t in images]
     replies = inference.call_all(reqs, priority)
     results = [r.result or {} for r in replies]
     meta = {k: max(r.meta.get(k) or 0 for r in replies) for k in ("batch_size", "queue_ms", "infer_ms")}

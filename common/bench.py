@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from common.client import content_type_of
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_CONCURRENCY = "1,4,16,64"
 DEFAULT_BATCH_SIZES = "1,2,4,8,16,32,64"
@@ -123,19 +125,9 @@ def make_images(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
     return out
 
 
-def content_type(data: bytes) -> str:
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
-
-
 def load_bodies(paths: Sequence[str] | None, size: tuple[int, int]) -> list[Body]:
     datas = [Path(p).read_bytes() for p in paths] if paths else make_images(N_IMAGES, size)
-    return [Body(d, content_type(d)) for d in datas]
+    return [Body(d, content_type_of(d)) for d in datas]
 
 
 # ---------------------------------------------------------------------------------------------

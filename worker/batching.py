@@ -99,21 +99,22 @@ class LocalBuffer(Generic[T]):
         self._cond = threading.Condition()
         self._closed = False
         self._last_put_s: float | None = None
-        self._mean_gap_s = float("inf")
+        self._mean_gap_s = 0.0  # start by assuming traffic worth batching; the first gaps correct it
 
     def put(self, items: Sequence[T]) -> None:
         now = self._clock()
         with self._cond:
-            if self._last_put_s is not None and items:
-                gap = (now - self._last_put_s) / len(items)
-                self._mean_gap_s = gap if self._mean_gap_s == float("inf") else 0.8 * self._mean_gap_s + 0.2 * gap
+            # Items popped together arrived (nearly) together: gaps of 0 after the first.
+            gaps = [now - self._last_put_s] if self._last_put_s is not None and items else []
+            for gap in gaps + [0.0] * max(len(items) - 1, 0):
+                self._mean_gap_s = 0.8 * self._mean_gap_s + 0.2 * gap
             self._last_put_s = now
             self._items.extend(Arrival(it, now) for it in items)
             self._cond.notify_all()
 
     @property
     def mean_gap_s(self) -> float:
-        """Moving average of the time between arrivals (per item); infinite until two puts were seen."""
+        """Moving average of the time between arrivals (0 until the first gaps are seen)."""
         with self._cond:
             return self._mean_gap_s
 

@@ -13,7 +13,6 @@ from PIL import Image
 
 from common.bench import (
     Sample,
-    content_type,
     format_table,
     make_images,
     parse_int_list,
@@ -23,6 +22,7 @@ from common.bench import (
     summarize,
     target_for,
 )
+from common.client import content_type_of
 
 
 def test_concurrency_lists_parse_in_order() -> None:
@@ -106,7 +106,7 @@ def test_generated_images_are_distinct_jpegs_of_the_size_asked() -> None:
     bodies = make_images(3, (640, 480))
     assert len(set(bodies)) == 3
     for b in bodies:
-        assert content_type(b) == "image/jpeg"
+        assert content_type_of(b) == "image/jpeg"
         assert Image.open(io.BytesIO(b)).size == (640, 480)
         assert 10_000 < len(b) < 400_000  # like a photograph: neither flat colour nor pure noise
 
