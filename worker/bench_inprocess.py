@@ -2,8 +2,9 @@
 
 Two costs are timed apart, in this one process:
 
-- preprocessing, exactly the API's path (``api.images``: Pillow decode, resize, crop), one image at a
-  time, on one core;
+- preprocessing, one image at a time on one core, both ways the service can run it: the API's
+  path (``api.images``: Pillow decode, resize, crop) and the worker's (``handler.prepare``:
+  ``torchvision.io`` decode, uint8 resize and crop); the faster one counts;
 - the handler's batched ``preprocess + forward + postprocess`` under ``torch.inference_mode``, for
   each batch size after a warm-up of that size (on CUDA the clock stops after a synchronize).
 
@@ -82,7 +83,9 @@ class InProcessResult:
     weights: str
     cores: int
     image_size: tuple[int, int]
-    prep_ms: float  # median per image, one core
+    prep_ms: float  # median per image, one core: the faster of the two paths below
+    prep_api_ms: float  # the API's Pillow path
+    prep_worker_ms: float  # the worker's torchvision path (--preprocess worker)
     sweeps: list[Sweep]  # the configured threads first; on a CPU then one thread, unless that was it
     machine_limit_ips: float
     machine_limit: str  # how the limit was reached, for people
@@ -104,6 +107,22 @@ def time_preprocess(
         inputs.append(to_model_input(open_image(bodies[i % len(bodies)], max_pixels), spec, max_pixels))
         times.append(time.perf_counter() - start)
     return inputs, statistics.median(times)
+
+
+def time_worker_preprocess(handler: TorchvisionClassifier, bodies: Sequence[bytes], n: int) -> float:
+    """The worker's own preprocessing (``prepare``: decode, resize, crop) of ``n`` JPEGs, each timed
+    on its own after one untimed image; the median seconds per image. On CUDA it is not timed
+    (nvjpeg decodes whole batches inside the model's step there): returns infinity."""
+    if handler.device.type != "cpu":
+        return float("inf")
+    jpegs = [TensorData("jpeg", (len(b),), b) for b in bodies]
+    handler.prepare(jpegs[:1])
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        handler.prepare([jpegs[i % len(jpegs)]])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -174,11 +193,18 @@ def machine_limit(device: torch.device, sweeps: Sequence[Sweep], cores: int) -> 
 def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None) -> InProcessResult:
     """Load the model, time preprocessing and every batch size; see the module docstring."""
     device = resolve_device(cfg.device)
-    handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last)
+    handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last, decode_jpeg=True)
     handler.setup(device)
     bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
     n_prep = max(MIN_PREP_IMAGES, N_IMAGES, *cfg.batch_sizes)
-    inputs, prep_s = time_preprocess(bodies, handler.spec.to_dict(), cfg.max_pixels, n_prep)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, like the API's Pillow
+    try:
+        inputs, api_prep_s = time_preprocess(bodies, handler.spec.to_dict(), cfg.max_pixels, n_prep)
+        worker_prep_s = time_worker_preprocess(handler, [b for b in bodies if b[:2] == b"\xff\xd8"], n_prep)
+    finally:
+        torch.set_num_threads(before)
+    prep_s = min(api_prep_s, worker_prep_s)
     threads = cfg.threads or torch.get_num_threads()
     thread_counts = [threads] if device.type != "cpu" or threads == 1 else [threads, 1]
     sweeps = []
@@ -197,6 +223,8 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
         cores=cores,
         image_size=cfg.size,
         prep_ms=prep_s * 1000.0,
+        prep_api_ms=api_prep_s * 1000.0,
+        prep_worker_ms=worker_prep_s * 1000.0,
         sweeps=sweeps,
         machine_limit_ips=limit_ips,
         machine_limit=how,
@@ -213,8 +241,9 @@ def format_report(r: InProcessResult) -> str:
     layout = "channels_last" if r.channels_last else "contiguous"
     lines = [
         f"{r.model} on {r.device}, {r.dtype}, {layout}, {r.weights} weights; {r.cores} CPU cores",
-        f"preprocessing (the API's Pillow path, {r.image_size[0]}x{r.image_size[1]} JPEG): "
-        f"{r.prep_ms:.2f} ms/img on one core; all {r.cores} cores: {r.prep_all_cores_ips:.0f} img/s",
+        f"preprocessing of a {r.image_size[0]}x{r.image_size[1]} JPEG on one core: API (Pillow) "
+        f"{r.prep_api_ms:.2f} ms/img, worker (torchvision) {_ms(r.prep_worker_ms)}; the faster, "
+        f"{r.prep_ms:.2f} ms/img, counts below; all {r.cores} cores: {r.prep_all_cores_ips:.0f} img/s",
         "model = the handler's preprocess + forward + postprocess on a batch; "
         "with prep = one thread doing both, one after the other",
     ]
@@ -238,6 +267,10 @@ def format_report(r: InProcessResult) -> str:
         note = ": below the model's rate, the CPUs are the bound" if bound else ""
         lines.append(f"preprocessing on all {r.cores} CPU cores: {r.prep_all_cores_ips:.1f} img/s{note}")
     return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms/img" if value != float("inf") else "not timed (batched on the device)"
 
 
 def config_from_args(args: argparse.Namespace) -> InProcessConfig:

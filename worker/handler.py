@@ -4,20 +4,24 @@ Contract (LitServe's and TorchServe's split): ``setup`` loads the model on a dev
 ``__init__``; ``preprocess`` turns a batch of input tensors into one device tensor; ``forward`` runs
 the model; ``postprocess`` returns exactly one result per input, in order. The worker owns
 ``torch.inference_mode()`` and checks the count.
+
+Optional: ``prepare(inputs) -> list``, per-item work (decoding, say) that the worker runs on its
+collector thread as frames arrive, overlapping the forward pass of the batch before; its outputs
+are what ``preprocess`` then receives. Without it ``preprocess`` gets the inputs as they came.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torchvision
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F2
 
 from common.errors import InvalidImage
 from common.protocol import TensorData
@@ -52,6 +56,17 @@ class InputSpec:
         return d
 
 
+Prepared = TensorData | torch.Tensor  # an input as it arrived, or already an HWC uint8 crop
+
+
+def _hwc(t: TensorData) -> torch.Tensor:
+    """uint8 pixels (HWC) as a tensor over the frame's own bytes: no copy. Only read (the batch is
+    a copy), so torch's warning about a read-only buffer does not apply."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(t.data, dtype=torch.uint8).view(*t.shape)
+
+
 IMAGENET_SPEC = InputSpec(256, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -60,7 +75,7 @@ class Handler(Protocol):
 
     def setup(self, device: torch.device) -> None: ...
 
-    def preprocess(self, inputs: Sequence[TensorData]) -> torch.Tensor: ...
+    def preprocess(self, inputs: Sequence[Any]) -> torch.Tensor: ...
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor: ...
 
@@ -94,53 +109,69 @@ class ImageHandler:
         self.model = model
         self.device = device
         shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(self.spec.mean, device=device).view(shape)
-        self._std = torch.tensor(self.spec.std, device=device).view(shape)
+        mean = torch.tensor(self.spec.mean, device=device).view(shape)
+        std = torch.tensor(self.spec.std, device=device).view(shape)
+        # (x / 255 - mean) / std as one multiply and one add on the uint8 values
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
 
-    def preprocess(self, inputs: Sequence[TensorData]) -> torch.Tensor:
-        """uint8 crops (HWC, from the API) and JPEG bytes (decoded here, on the GPU when there is
-        one) become one normalised NCHW batch on the device."""
-        if all(t.dtype == "uint8" for t in inputs):
-            host = torch.from_numpy(np.stack([np.frombuffer(t.data, np.uint8).reshape(t.shape) for t in inputs]))
-            x = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view, channels_last strides
-        else:
-            x = torch.stack(self._crops(inputs))
-        x = x.to(torch.float32).div_(255).sub_(self._mean).div_(self._std)
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+    def prepare(self, inputs: Sequence[TensorData]) -> list[Prepared]:
+        """Per-item work the worker runs off the forward pass's thread, as frames arrive: JPEGs
+        decoded, resized and cropped (on a CPU device; CUDA decodes whole batches in ``preprocess``),
+        uint8 pixels wrapped without a copy. Raises ``InvalidImage`` for an input that will not go."""
+        if self.device.type == "cuda":
+            return [t if t.dtype == "jpeg" else _hwc(t) for t in inputs]
+        return [self._crop_hwc(self._decode_one(t.data)) if t.dtype == "jpeg" else _hwc(t) for t in inputs]
+
+    def preprocess(self, inputs: Sequence[Prepared]) -> torch.Tensor:
+        """uint8 crops (HWC: from the API, or what ``prepare`` made) and JPEG bytes (decoded here,
+        batched on the GPU) become one normalised batch on the device, NCHW in ``channels_last``
+        memory when asked: one copy into the batch, then the scale and shift in place."""
+        pending = [t for t in inputs if isinstance(t, TensorData)]
+        crops = iter(self._batch_crops(pending))
+        hwc = [next(crops) if isinstance(t, TensorData) else t for t in inputs]
+        x = torch.stack(hwc) if hwc[0].device == self.device else torch.stack(hwc).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
+        if not self.channels_last:
+            x = x.contiguous()
+        x = x.to(torch.float32).mul_(self._scale).add_(self._shift)
         return x.to(self.dtype)
 
-    def _crops(self, inputs: Sequence[TensorData]) -> list[torch.Tensor]:
-        """CHW uint8 crops on the device, in input order."""
+    def _batch_crops(self, inputs: Sequence[TensorData]) -> list[torch.Tensor]:
+        """HWC uint8 crops on the device for ``inputs`` (JPEGs or uint8 pixels), in order."""
         jpegs = [i for i, t in enumerate(inputs) if t.dtype == "jpeg"]
         decoded = dict(zip(jpegs, self._decode([inputs[i].data for i in jpegs])))
-        out = []
-        for i, t in enumerate(inputs):
-            if i in decoded:
-                img = TF.resize(decoded[i], [self.spec.resize_size], self._interpolation, antialias=True)
-                out.append(TF.center_crop(img, [self.spec.crop_size]))
-            else:
-                hwc = torch.from_numpy(np.frombuffer(t.data, np.uint8).reshape(t.shape).copy())
-                out.append(hwc.to(self.device).permute(2, 0, 1))
-        return out
+        return [self._crop_hwc(decoded[i]) if i in decoded else _hwc(t).to(self.device) for i, t in enumerate(inputs)]
+
+    def _crop_hwc(self, chw: torch.Tensor) -> torch.Tensor:
+        """The preset's resize (shorter side, antialiased) and center crop of a decoded CHW uint8
+        image, as an HWC view. torchvision's v2 kernels keep uint8 (a vectorised path on the CPU);
+        the v1 ones went through float and cost twice as much."""
+        img = F2.resize(chw, [self.spec.resize_size], self._interpolation, antialias=True)
+        crop: torch.Tensor = F2.center_crop(img, [self.spec.crop_size])
+        return crop.permute(1, 2, 0)
+
+    def _decode_one(self, blob: bytes) -> torch.Tensor:
+        try:
+            out: torch.Tensor = torchvision.io.decode_jpeg(
+                torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB
+            )
+            return out
+        except RuntimeError as exc:
+            raise InvalidImage(f"the JPEG cannot be decoded ({str(exc)[:200]})") from None
 
     def _decode(self, blobs: list[bytes]) -> list[torch.Tensor]:
-        """Decode JPEGs as RGB: batched on CUDA (nvjpeg), else one by one; raises InvalidImage."""
+        """Decode JPEGs as RGB CHW uint8: batched on CUDA (nvjpeg), else one by one; raises InvalidImage."""
         if not blobs:
             return []
-        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        rgb = torchvision.io.ImageReadMode.RGB
         if self.device.type == "cuda":
+            tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
             try:
+                rgb = torchvision.io.ImageReadMode.RGB
                 return list(torchvision.io.decode_jpeg(tensors, mode=rgb, device=self.device))
             except RuntimeError:
                 pass  # one bad or unsupported image fails the whole call: decode one by one below
-        out = []
-        for t in tensors:
-            try:
-                out.append(torchvision.io.decode_jpeg(t, mode=rgb).to(self.device))
-            except RuntimeError as exc:
-                raise InvalidImage(f"the JPEG cannot be decoded ({str(exc)[:200]})") from None
-        return out
+        return [self._decode_one(b).to(self.device) for b in blobs]
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.model(batch)

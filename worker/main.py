@@ -29,15 +29,15 @@ def resolve_device(name: str) -> torch.device:
 def run(settings: Settings) -> int:
     if settings.max_batch_size < 1:
         raise SystemExit("--max-batch-size must be at least 1")
-    if settings.preprocess not in ("api", "worker"):
-        raise SystemExit("--preprocess must be api or worker")
+    if settings.preprocess not in ("auto", "api", "worker"):
+        raise SystemExit("--preprocess must be auto, api or worker")
     if settings.batch_buckets not in ("auto", "on", "off"):
         raise SystemExit("--batch-buckets must be auto, on or off")
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     try:
-        handler = load_handler(settings)
+        handler = load_handler(settings, device)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     handler.setup(device)

@@ -9,25 +9,27 @@ handler (``worker.handler.Handler``: ``spec``, ``setup``, ``preprocess``, ``forw
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import cast
 
 import torch
 
 from common.config import Settings
-from worker.handler import Handler, ModuleHandler, TorchvisionClassifier
+from worker.handler import IMAGENET_SPEC, Handler, ModuleHandler, TorchvisionClassifier
 
 HANDLER_METHODS = ("setup", "preprocess", "forward", "postprocess", "check_input")
 
 
-def load_handler(settings: Settings) -> Handler:
+def load_handler(settings: Settings, device: torch.device | None = None) -> Handler:
     """The handler for ``settings.model``; raises ValueError with a clear message when there is none."""
+    decode = decodes_jpeg(settings.preprocess, device)
     if ":" not in settings.model:
-        decode = settings.preprocess == "worker"
         return TorchvisionClassifier(settings.model, settings.weights, settings.dtype, settings.channels_last, decode)
     made = _call_factory(settings.model)
     if isinstance(made, torch.nn.Module):
-        return ModuleHandler(made, dtype=settings.dtype, channels_last=settings.channels_last)
+        spec = dataclasses.replace(IMAGENET_SPEC, accepts=("uint8", "jpeg") if decode else ("uint8",))
+        return ModuleHandler(made, spec, dtype=settings.dtype, channels_last=settings.channels_last)
     missing = [m for m in HANDLER_METHODS if not callable(getattr(made, m, None))]
     if missing or not hasattr(made, "spec"):
         raise ValueError(
@@ -35,6 +37,13 @@ def load_handler(settings: Settings) -> Handler:
             f"(missing {', '.join(missing) or 'spec'})"
         )
     return cast(Handler, made)
+
+
+def decodes_jpeg(preprocess: str, device: torch.device | None) -> bool:
+    """Whether the worker takes JPEG bytes and decodes them itself. ``auto``: on CUDA (nvjpeg, then
+    the preset's own float resize on the GPU), not on a CPU, where the API's Pillow path is the exact
+    one (torch's faster uint8 resize differs from Pillow's by a grey level in under 1 % of pixels)."""
+    return preprocess == "worker" or (preprocess == "auto" and device is not None and device.type == "cuda")
 
 
 def _call_factory(target: str) -> object:

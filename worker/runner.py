@@ -51,6 +51,7 @@ RESCAN_EVERY_BEATS = 30  # the registry set finds dead peers; a keyspace SCAN no
 class _Item:
     raw: bytes
     req: Request
+    x: Any  # what the handler's ``preprocess`` takes for this request (``prepare``'s output, or the input)
 
 
 class Worker:
@@ -139,21 +140,20 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if raws:
-                self.buffer.put(self._admit_all(raws))
+                self._admit_all(raws)
 
-    def _admit_all(self, raws: list[bytes]) -> list[_Item]:
-        """Decode and check frames as they are popped; answer the ones that cannot run right away."""
+    def _admit_all(self, raws: list[bytes]) -> None:
+        """Decode, check and prepare frames as they are popped, each into the buffer as soon as it
+        is ready (this thread's decoding overlaps the forward pass); answer the ones that cannot run."""
         counts: Counter[str] = Counter(requests=len(raws))
-        items: list[_Item] = []
         rejected: list[Outgoing] = []
         for raw in raws:
             got = self._admit(raw, counts)
             if isinstance(got, _Item):
-                items.append(got)
+                self.buffer.put([got])
             else:
                 rejected.append(got)
         self._send(rejected, counts)
-        return items
 
     def _heartbeat_loop(self) -> None:
         beats = 0
@@ -224,10 +224,20 @@ class Worker:
         elif not _valid_topk(req.params.get("topk", 5)):
             err = InvalidImage(f"topk must be an integer from 1 to {MAX_TOPK}")
         if err is None:
-            return _Item(raw, req)
+            try:
+                return _Item(raw, req, self._prepare(req.input))
+            except RedbatchError as exc:
+                err = exc
+            except Exception:
+                logger.exception("request %s: the handler could not prepare its input", req.id)
+                err = InvalidImage("the input could not be prepared for the model")
         if not isinstance(err, DeadlineExceeded):
             counts["errors"] += 1
         return Outgoing(raw, Reply.failure(req.id, err))
+
+    def _prepare(self, x: Any) -> Any:
+        prepare = getattr(self.handler, "prepare", None)  # optional in the Handler protocol
+        return prepare([x])[0] if prepare is not None else x
 
     def _run(self, items: list[_Item], counts: Counter[str]) -> list[Outgoing]:
         """One forward pass; if it raises, split the batch in halves so only the culprit fails."""
@@ -235,7 +245,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                x = self.handler.preprocess([it.req.input for it in items])
+                x = self.handler.preprocess([it.x for it in items])
                 out = self.handler.forward(pad_batch(x, self.buckets))[: len(items)]
                 results = self.handler.postprocess(out, [it.req.params for it in items])
             if len(results) != len(items):

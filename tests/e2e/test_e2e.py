@@ -15,7 +15,6 @@ import requests
 import torch
 import torchvision
 from PIL import Image
-from torchvision.io import ImageReadMode
 
 from tests.conftest import RedisServer, make_image
 from tests.e2e.conftest import ARCH, Service
@@ -24,18 +23,16 @@ pytestmark = pytest.mark.e2e
 CLIENTS = 64
 
 
-def reference_scores(weights: Path, images: list[bytes], decoded_by: str = "pil") -> torch.Tensor:
+def reference_scores(weights: Path, images: list[bytes]) -> torch.Tensor:
     """What a client computes in its own process: ``model(weights.transforms()(image))``, one by one,
-    with ``image`` a PIL image or (``decoded_by="torchvision"``) a tensor from ``torchvision.io``."""
+    with ``image`` the PIL image."""
     model = torchvision.models.get_model(ARCH, weights=None)
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
     preset = torchvision.models.get_model_weights(ARCH).DEFAULT.transforms()
 
-    def load(b: bytes) -> Image.Image | torch.Tensor:
-        if decoded_by == "pil":
-            return Image.open(io.BytesIO(b)).convert("RGB")
-        return torchvision.io.decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    def load(b: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(b)).convert("RGB")
 
     with torch.inference_mode():
         rows = [model(preset(load(b)).unsqueeze(0)).softmax(1)[0] for b in images]
@@ -43,6 +40,8 @@ def reference_scores(weights: Path, images: list[bytes], decoded_by: str = "pil"
 
 
 def test_64_clients_get_the_models_own_answers_from_shared_batches(service: Service, weights_file: Path) -> None:
+    (model,) = requests.get(service.url + "/v1/models", timeout=5).json()["models"]
+    assert model["accepts"] == ["uint8"]  # the default on a CPU worker: the API decodes, exactly as the preset
     _64_clients_get_the_models_own_answers(service, weights_file)
 
 
@@ -54,9 +53,10 @@ def test_with_worker_side_jpeg_decoding_too(
         svc.wait_ready()
         (model,) = requests.get(svc.url + "/v1/models", timeout=5).json()["models"]
         assert model["accepts"] == ["uint8", "jpeg"]
-        # The worker resizes a decoded tensor, so its answers are those of the preset applied to a
-        # tensor from torchvision.io (the API's are those of the preset on a PIL image).
-        _64_clients_get_the_models_own_answers(svc, weights_file, decoded_by="torchvision")
+        # The worker's uint8 resize (torchvision's vectorised kernel) differs from Pillow's by one
+        # grey level in under 1 % of pixels (tests/unit/test_images.py); on this test model, whose
+        # random weights make its scores unusually sensitive, that moved a score by up to 0.0103.
+        _64_clients_get_the_models_own_answers(svc, weights_file, tolerance=0.02)
         broken = make_image(1)[:2000]  # a valid header: the API passes it on, the worker cannot decode it
         resp = requests.post(svc.predict_url(), data=broken, headers={"Content-Type": "image/jpeg"}, timeout=30)
         assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_image"
@@ -64,9 +64,9 @@ def test_with_worker_side_jpeg_decoding_too(
         svc.stop()
 
 
-def _64_clients_get_the_models_own_answers(service: Service, weights_file: Path, decoded_by: str = "pil") -> None:
+def _64_clients_get_the_models_own_answers(service: Service, weights_file: Path, tolerance: float = 0.01) -> None:
     images = [make_image(seed, (320 + seed, 240)) for seed in range(CLIENTS)]
-    ref = reference_scores(weights_file, images, decoded_by)
+    ref = reference_scores(weights_file, images)
     assert len(set(ref.argmax(1).tolist())) >= 5, "the comparison would not tell images apart"
 
     def one(i: int) -> dict:
@@ -89,7 +89,7 @@ def _64_clients_get_the_models_own_answers(service: Service, weights_file: Path,
         preds = body["predictions"]
         assert len(preds) == 5
         for p in preds:
-            assert abs(p["score"] - ref[i, p["index"]].item()) <= 0.01, (i, p)
+            assert abs(p["score"] - ref[i, p["index"]].item()) <= tolerance, (i, p)
         top2 = ref[i].topk(2).values
         if top2[0] - top2[1] > 1e-3:  # a near-tie may legitimately swap order
             assert preds[0]["index"] == ref[i].argmax().item(), i

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The CPU check (issue 5) on a small CPU machine: every CPU target of docs/benchmarks.md, measured
+# side by side and repeated, because a shared machine's speed drifts from minute to minute. Each
+# repeat times the model's own limit in-process and then the served figures through the real stack
+# (bench clients -> gunicorn API -> Redis -> one worker with torch's default threads), so every
+# ratio comes from one stretch of time; bench/cpu_summary.py prints each repeat's ratios and their
+# medians. Served runs use --preprocess worker (the fastest on a CPU) unless named "-api".
+#
+#   bash bench/cpu_check.sh            # from the repo root, with the venv of scripts/test.sh
+# Results go to $OUT (default out/cpu). Knobs: REPEATS=3, SECONDS_PER_LEVEL=10, API_WORKERS=1,
+# MODELS="mobilenet_v3_small resnet18", BF16=1 (resnet18 in bfloat16 too), PYTHON=.venv/bin/python.
+set -uo pipefail
+OUT=${OUT:-out/cpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+PY=${PYTHON:-.venv/bin/python}
+RB="$PY -m common.cli"
+REPEATS=${REPEATS:-3} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10} WARMUP_S=3 API_WORKERS=${API_WORKERS:-1}
+MODELS=${MODELS:-"mobilenet_v3_small resnet18"} BF16=${BF16:-1}
+PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+trap cleanup EXIT
+
+{
+  echo "date: $(date -u +%FT%TZ)"; nproc | sed 's/^/cpu cores: /'
+  grep -m1 'model name' /proc/cpuinfo
+  $PY -c "import sys,torch,torchvision,PIL; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__, 'cpu capability', torch.backends.cpu.get_cpu_capability())"
+} 2>&1 | tee "$OUT/machine.txt"
+
+redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
+RPID=$!
+pids+=("$RPID")
+export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_REQUEST_TIMEOUT_S=60 REDBATCH_MAX_QUEUE_LENGTH=4096
+
+inproc() {  # name model dtype batch-sizes
+  timeout 300 $RB bench --in-process --model "$2" --device cpu --dtype "$3" --batch-sizes "$4" \
+    --duration-s 1.5 --json "$OUT/$1.json" >"$OUT/$1.txt" 2>&1
+  tail -2 "$OUT/$1.txt"
+}
+
+served() {  # name model max-batch dtype preprocess "concurrencies"; CPU per process group at each level
+  local name=$1 model=$2 n=$3 dtype=$4 prep=$5 levels=$6 prefix="cpu$RANDOM"
+  REDBATCH_PREFIX=$prefix $RB worker --model "$model" --weights random --device cpu --dtype "$dtype" \
+    --max-batch-size "$n" --preprocess "$prep" >"$OUT/$name-worker.log" 2>&1 &
+  local wpid=$!
+  REDBATCH_PREFIX=$prefix $RB api --bind "127.0.0.1:$HTTP" --workers "$API_WORKERS" --threads 64 >"$OUT/$name-api.log" 2>&1 &
+  local apid=$!
+  pids+=("$wpid" "$apid")
+  for _ in $(seq 1 240); do
+    curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  for c in $levels; do
+    $RB bench --url "http://127.0.0.1:$HTTP" --model "$model" --concurrency "$c" --duration-s "$SECONDS_PER_LEVEL" \
+      --warmup-s "$WARMUP_S" --json "$OUT/$name-c$c.json" >"$OUT/$name-c$c.txt" 2>&1 &
+    local bpid=$!
+    sleep $((WARMUP_S + 1))
+    local groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpid" "redis=$RPID" "bench=$bpid")
+    $PY bench/proc_cpu.py snap "$OUT/$name-c$c-cpu0.json" "${groups[@]}"
+    sleep $((SECONDS_PER_LEVEL - 2))
+    $PY bench/proc_cpu.py snap "$OUT/$name-c$c-cpu1.json" "${groups[@]}"
+    wait "$bpid"
+    grep -E '^ +[0-9]' "$OUT/$name-c$c.txt" | sed "s/^/$name  /"
+  done
+  kill "$apid" "$wpid"; wait "$apid" "$wpid" 2>/dev/null
+}
+
+for r in $(seq 1 "$REPEATS"); do
+  echo "== repeat $r"
+  for m in $MODELS; do
+    case $m in
+      resnet18) n=8 sizes=1,2,4,8,16 ;;
+      *) n=32 sizes=1,4,8,16,32 ;;
+    esac
+    inproc "r$r-$m-float32-inproc" "$m" float32 "$sizes"
+    served "r$r-$m-float32-n$n-worker" "$m" "$n" float32 worker "1 64"
+    if [ "$m" = mobilenet_v3_small ]; then
+      served "r$r-$m-float32-n1-worker" "$m" 1 float32 worker "64"
+      served "r$r-$m-float32-n$n-api" "$m" "$n" float32 api "1 64"
+    fi
+    if [ "$m" = resnet18 ] && [ "$BF16" = 1 ]; then
+      inproc "r$r-$m-bfloat16-inproc" "$m" bfloat16 "$sizes"
+      served "r$r-$m-bfloat16-n$n-worker" "$m" "$n" bfloat16 worker "64"
+    fi
+  done
+done
+[ "$BF16" = 1 ] && $PY bench/dtype_agreement.py --model resnet18 --dtype bfloat16 | tee "$OUT/bf16-top1.txt"
+$PY bench/cpu_summary.py "$OUT" "$SECONDS_PER_LEVEL" | tee "$OUT/summary.md"

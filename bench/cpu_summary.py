@@ -1,0 +1,106 @@
+"""Summarise a ``bench/cpu_check.sh`` run: each repeat's figures against issue 5's CPU targets,
+then the median over repeats (ratios are taken within a repeat, where the machine's speed is the
+same for both sides).
+
+    python bench/cpu_summary.py out/cpu
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+MB = "mobilenet_v3_small"
+
+
+def load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def level(out: Path, name: str, c: int) -> dict[str, Any] | None:
+    doc = load(out / f"{name}-c{c}.json")
+    return doc["levels"][0] if doc and doc.get("levels") else None
+
+
+def cpu_split(out: Path, name: str, c: int, req_per_s: float, seconds: float) -> dict[str, float] | None:
+    """CPU ms per request by process group over the snapshot window (``seconds`` long)."""
+    a, b = load(out / f"{name}-c{c}-cpu0.json"), load(out / f"{name}-c{c}-cpu1.json")
+    if not a or not b or req_per_s <= 0:
+        return None
+    n = req_per_s * seconds
+    per = {g: 1000.0 * sum(t - a.get(g, {}).get(p, t) for p, t in pids.items()) / n for g, pids in b.items()}
+    per["total"] = sum(per.values())
+    return per
+
+
+def single_image_ms(inproc: dict[str, Any]) -> float:
+    """In-process latency of a lone image: the faster preprocessing plus batch 1 with all threads."""
+    row = next(r for r in inproc["sweeps"][0]["rows"] if r["batch_size"] == 1)
+    return float(inproc["prep_ms"] + row["model_ms"])
+
+
+def best_one_thread_ms(inproc: dict[str, Any]) -> float:
+    """Preprocessing + model per image at the best batch size, one thread: the limit's unit cost."""
+    one = next(s for s in inproc["sweeps"] if s["threads"] == 1)
+    return min(float(inproc["prep_ms"] + r["model_ms"] / r["batch_size"]) for r in one["rows"])
+
+
+def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
+    f: dict[str, float] = {}
+    for model, n in ((MB, 32), ("resnet18", 8)):
+        inproc = load(out / f"r{r}-{model}-float32-inproc.json")
+        served = level(out, f"r{r}-{model}-float32-n{n}-worker", 64)
+        one = level(out, f"r{r}-{model}-float32-n{n}-worker", 1)
+        if not inproc or not served:
+            continue
+        key = "mb" if model == MB else "r18"
+        f[f"{key} limit"] = inproc["machine_limit_ips"]
+        f[f"{key} served 64"] = served["ok_per_s"]
+        f[f"{key} served/limit"] = served["ok_per_s"] / inproc["machine_limit_ips"]
+        f[f"{key} p99/p50 64"] = served["p99_ms"] / served["p50_ms"]
+        if one:
+            f[f"{key} p50 1 client"] = one["p50_ms"]
+            f[f"{key} in-process 1 image"] = single_image_ms(inproc)
+            f[f"{key} p50 1 - in-process"] = one["p50_ms"] - single_image_ms(inproc)
+        split = cpu_split(out, f"r{r}-{model}-float32-n{n}-worker", 64, served["ok_per_s"], seconds)
+        if split:
+            f[f"{key} CPU ms/req"] = split["total"]
+            f[f"{key} CPU ms/req outside prep+forward"] = split["total"] - best_one_thread_ms(inproc)
+            for g in ("api", "worker", "redis", "bench"):
+                f[f"{key} CPU ms/req {g}"] = split.get(g, 0.0)
+    mb1 = level(out, f"r{r}-{MB}-float32-n1-worker", 64)
+    mb_api = level(out, f"r{r}-{MB}-float32-n32-api", 64)
+    if mb1 and "mb served 64" in f:
+        f["mb batch 32 / batch 1"] = f["mb served 64"] / mb1["ok_per_s"]
+    if mb_api and "mb served 64" in f:
+        f["mb api-side served 64"] = mb_api["ok_per_s"]
+        f["mb worker-side / api-side"] = f["mb served 64"] / mb_api["ok_per_s"]
+    bf = level(out, f"r{r}-resnet18-bfloat16-n8-worker", 64)
+    if bf and "r18 served 64" in f:
+        f["r18 bf16 served 64"] = bf["ok_per_s"]
+        f["r18 bf16 / float32 served"] = bf["ok_per_s"] / f["r18 served 64"]
+    return f
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0] if argv else "out/cpu")
+    repeats = sorted({int(m.group(1)) for p in out.glob("r*-*.json") if (m := re.match(r"r(\d+)-", p.name))})
+    seconds = float(argv[1]) - 2 if len(argv) > 1 else 8.0  # the snapshot window of cpu_check.sh
+    rows = {r: repeat_figures(out, r, seconds) for r in repeats}
+    keys = list(dict.fromkeys(k for f in rows.values() for k in f))
+    print("| figure | " + " | ".join(f"repeat {r}" for r in repeats) + " | median |")
+    print("|---|" + "---:|" * (len(repeats) + 1))
+    for k in keys:
+        vals = [rows[r].get(k) for r in repeats]
+        present = [v for v in vals if v is not None]
+        cells = [f"{v:.2f}" if v is not None else "—" for v in vals]
+        print(f"| {k} | " + " | ".join(cells) + f" | **{statistics.median(present):.2f}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
