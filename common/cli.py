@@ -4,6 +4,7 @@ imported only when used, so ``redbatch api`` never imports torch."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from common.config import WORKER_FLAGS, add_flags, settings_from_args
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "api":
         return server.run(settings)
     if args.command == "worker":
+        # Read once, when torch loads OpenMP: idle OpenMP threads then sleep instead of spinning,
+        # which on a CPU shared with the worker's own decoding, the API and Redis cost 20-30 % of
+        # the served throughput (docs/benchmarks.md). Set it yourself to override.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from worker import main as worker_main
 
         return worker_main.run(settings)

@@ -130,7 +130,11 @@ class ImageHandler:
         pending = [t for t in inputs if isinstance(t, TensorData)]
         crops = iter(self._batch_crops(pending))
         hwc = [next(crops) if isinstance(t, TensorData) else t for t in inputs]
-        x = torch.stack(hwc) if hwc[0].device == self.device else torch.stack(hwc).to(self.device, non_blocking=True)
+        on_host = [h.device.type != self.device.type for h in hwc]  # one device per worker
+        if all(on_host):  # one copy to the device for the whole batch
+            x = torch.stack(hwc).to(self.device, non_blocking=True)
+        else:  # on CUDA, crops nvjpeg made there beside uint8 inputs from the API (PNG uploads, say)
+            x = torch.stack([h.to(self.device, non_blocking=True) if moved else h for h, moved in zip(hwc, on_host)])
         x = x.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
         if not self.channels_last:
             x = x.contiguous()
