@@ -29,7 +29,7 @@ def calibrated(model: str, inputs: list[TensorData], seed: int, path: str) -> No
     torch.manual_seed(seed)
     handler = TorchvisionClassifier(model, "random")
     handler.setup(torch.device("cpu"))
-    net = handler.model
+    net: torch.nn.Module = handler.model
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.momentum = None  # a cumulative average over the calibration batch

@@ -45,6 +45,8 @@ _HELP = {
     "worker_ttl_s": "a worker whose registration is older than this is dead",
     "torch_threads": "torch intra-op threads (0: torch's default)",
     "channels_last": "run the model in channels_last memory format",
+    "fuse": "fold each BatchNorm into the convolution before it (inference only; same answers, fewer passes)",
+    "compile": "torch.compile the model (inductor); every batch size the worker runs is compiled before it is ready",
     "metrics_port": "port of the worker's Prometheus /metrics (all interfaces; 0: off)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
@@ -58,7 +60,7 @@ API_FLAGS = (
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
     "window_ms", "preprocess", "batch_buckets", "heartbeat_s", "worker_ttl_s", "reply_ttl_s",
-    "request_timeout_s", "torch_threads", "channels_last", "metrics_port", "log_level",
+    "request_timeout_s", "torch_threads", "channels_last", "fuse", "compile", "metrics_port", "log_level",
 )  # fmt: skip
 
 
@@ -91,6 +93,8 @@ class Settings:
     worker_ttl_s: float = 10.0
     torch_threads: int = 0
     channels_last: bool = True
+    fuse: bool = True
+    compile: bool = False
     metrics_port: int = 0
     log_level: str = "INFO"
 

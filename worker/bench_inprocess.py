@@ -46,6 +46,8 @@ class InProcessConfig:
     device: str = "auto"
     dtype: str = "float32"
     channels_last: bool = True
+    fuse: bool = True
+    compile: bool = False
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     duration_s: float = INPROCESS_DURATION_S  # measured time per batch size (at least one batch)
     warmup_s: float = INPROCESS_WARMUP_S  # warm-up per batch size (at least one batch)
@@ -80,6 +82,7 @@ class InProcessResult:
     device: str
     dtype: str
     channels_last: bool
+    options: str  # "BatchNorm folded", "torch.compile"
     weights: str
     cores: int
     image_size: tuple[int, int]
@@ -194,6 +197,11 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
     """Load the model, time preprocessing and every batch size; see the module docstring."""
     device = resolve_device(cfg.device)
     handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last, decode_jpeg=True)
+    handler.fuse, handler.compile = cfg.fuse, cfg.compile
+    if cfg.compile:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, len(cfg.batch_sizes) + 2)
     handler.setup(device)
     bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
     n_prep = max(MIN_PREP_IMAGES, N_IMAGES, *cfg.batch_sizes)
@@ -219,6 +227,8 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
         device=str(device),
         dtype=cfg.dtype,
         channels_last=cfg.channels_last,
+        options=", ".join([o for o, on in (("BatchNorm folded", cfg.fuse), ("torch.compile", cfg.compile)) if on])
+        or "eager",
         weights=handler.weights_source,
         cores=cores,
         image_size=cfg.size,
@@ -240,7 +250,7 @@ def sweep_table(s: Sweep) -> str:
 def format_report(r: InProcessResult) -> str:
     layout = "channels_last" if r.channels_last else "contiguous"
     lines = [
-        f"{r.model} on {r.device}, {r.dtype}, {layout}, {r.weights} weights; {r.cores} CPU cores",
+        f"{r.model} on {r.device}, {r.dtype}, {layout}, {r.options}, {r.weights} weights; {r.cores} CPU cores",
         f"preprocessing of a {r.image_size[0]}x{r.image_size[1]} JPEG on one core: API (Pillow) "
         f"{r.prep_api_ms:.2f} ms/img, worker (torchvision) {_ms(r.prep_worker_ms)}; the faster, "
         f"{r.prep_ms:.2f} ms/img, counts below; all {r.cores} cores: {r.prep_all_cores_ips:.0f} img/s",
@@ -280,6 +290,8 @@ def config_from_args(args: argparse.Namespace) -> InProcessConfig:
         device=args.device,
         dtype=args.dtype,
         channels_last=args.channels_last,
+        fuse=args.fuse,
+        compile=args.compile,
         batch_sizes=tuple(args.batch_sizes),
         duration_s=INPROCESS_DURATION_S if args.duration_s is None else args.duration_s,
         warmup_s=INPROCESS_WARMUP_S if args.warmup_s is None else args.warmup_s,

@@ -40,8 +40,14 @@ def run(settings: Settings) -> int:
         handler = load_handler(settings, device)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    buckets = batch_buckets(settings, device) or [1]
+    if settings.compile:
+        import torch._dynamo as dynamo
+
+        # one compiled graph per bucket, all made during the warm-up below
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, len(buckets) + 2)
     handler.setup(device)
-    _warm_up(handler, batch_buckets(settings, device) or [1])
+    _warm_up(handler, buckets)
     source = getattr(handler, "weights_source", "") or "its own"
     logger.info("loaded %s (%s weights) on %s as %r", settings.model, source, device, settings.served_name)
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 
 from common.config import Settings
-from worker.handler import IMAGENET_SPEC, Handler, ModuleHandler, TorchvisionClassifier
+from worker.handler import IMAGENET_SPEC, Handler, ImageHandler, ModuleHandler, TorchvisionClassifier
 
 HANDLER_METHODS = ("setup", "preprocess", "forward", "postprocess", "check_input")
 
@@ -25,11 +25,16 @@ def load_handler(settings: Settings, device: torch.device | None = None) -> Hand
     """The handler for ``settings.model``; raises ValueError with a clear message when there is none."""
     decode = decodes_jpeg(settings.preprocess, device)
     if ":" not in settings.model:
-        return TorchvisionClassifier(settings.model, settings.weights, settings.dtype, settings.channels_last, decode)
+        handler = TorchvisionClassifier(
+            settings.model, settings.weights, settings.dtype, settings.channels_last, decode
+        )
+        return _with_options(handler, settings)
     made = _call_factory(settings.model)
     if isinstance(made, torch.nn.Module):
         spec = dataclasses.replace(IMAGENET_SPEC, accepts=("uint8", "jpeg") if decode else ("uint8",))
-        return ModuleHandler(made, spec, dtype=settings.dtype, channels_last=settings.channels_last)
+        return _with_options(
+            ModuleHandler(made, spec, dtype=settings.dtype, channels_last=settings.channels_last), settings
+        )
     missing = [m for m in HANDLER_METHODS if not callable(getattr(made, m, None))]
     if missing or not hasattr(made, "spec"):
         raise ValueError(
@@ -37,6 +42,14 @@ def load_handler(settings: Settings, device: torch.device | None = None) -> Hand
             f"(missing {', '.join(missing) or 'spec'})"
         )
     return cast(Handler, made)
+
+
+H = TypeVar("H", bound=ImageHandler)
+
+
+def _with_options(handler: H, settings: Settings) -> H:
+    handler.fuse, handler.compile = settings.fuse, settings.compile
+    return handler
 
 
 def decodes_jpeg(preprocess: str, device: torch.device | None) -> bool:

@@ -357,11 +357,11 @@ def batch_buckets(settings: Settings, device: torch.device) -> list[int]:
 
     On CUDA every new batch shape costs cuDNN a new execution plan (milliseconds of CPU each), and
     batches of every size from 1 to N keep producing new shapes: padding to a few buckets, all
-    warmed up at start, bounds them. On a CPU the padding would be paid in full compute, so
-    ``auto`` pads only on CUDA.
+    warmed up at start, bounds them; with ``--compile`` every new shape would cost a compilation.
+    On a CPU the padding is paid in full compute, so ``auto`` pads there only with ``--compile``.
     """
     mode = settings.batch_buckets
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    if mode == "off" or (mode == "auto" and device.type != "cuda" and not settings.compile):
         return []
     return bucket_sizes(settings.max_batch_size)
 
