@@ -28,6 +28,7 @@ def calibrated(model: str, inputs: list[TensorData], seed: int, path: str) -> No
     """Random weights with BatchNorm running statistics measured on ``inputs``, saved to ``path``."""
     torch.manual_seed(seed)
     handler = TorchvisionClassifier(model, "random")
+    handler.fuse = False  # the BatchNorm layers must stay to be calibrated
     handler.setup(torch.device("cpu"))
     net: torch.nn.Module = handler.model
     for m in net.modules():
