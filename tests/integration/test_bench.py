@@ -161,7 +161,9 @@ def test_in_process_measurement_of_a_small_model_on_cpu() -> None:
     assert torch.get_num_threads() == threads_before
     assert (r.model, r.device, r.weights) == ("mobilenet_v3_small", "cpu", "random")
     assert r.sweeps[0].threads == threads_before and r.sweeps[-1].threads == 1
-    assert r.prep_ms > 0
+    assert r.prep_api_ms > 0 and r.prep_worker_ms > 0  # both preprocessing paths, each timed
+    assert r.prep_ms == min(r.prep_api_ms, r.prep_worker_ms)  # the faster one counts
+    assert r.options == "BatchNorm folded"
     for sweep in r.sweeps:
         assert [row.batch_size for row in sweep.rows] == [1, 2]
         for row in sweep.rows:

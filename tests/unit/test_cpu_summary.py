@@ -1,0 +1,59 @@
+"""bench/cpu_summary.py: ratios are taken within a repeat, medians across repeats."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import cpu_summary
+
+MB = "mobilenet_v3_small"
+
+
+def _level(rps: float, p50: float = 100.0, p99: float = 150.0) -> dict:
+    return {"levels": [{"ok_per_s": rps, "p50_ms": p50, "p99_ms": p99}]}
+
+
+def _inproc(limit: float) -> dict:
+    rows = [{"batch_size": 1, "model_ms": 10.0}, {"batch_size": 8, "model_ms": 40.0}]
+    return {
+        "machine_limit_ips": limit,
+        "prep_ms": 3.0,
+        "sweeps": [{"threads": 2, "rows": rows}, {"threads": 1, "rows": rows}],
+    }
+
+
+def _write(out: Path, name: str, doc: dict) -> None:
+    (out / f"{name}.json").write_text(json.dumps(doc))
+
+
+def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for r, limit, served in ((1, 200.0, 100.0), (2, 100.0, 80.0), (3, 400.0, 100.0)):
+        _write(tmp_path, f"r{r}-{MB}-float32-inproc", _inproc(limit))
+        _write(tmp_path, f"r{r}-{MB}-float32-n32-worker-c64", _level(served))
+        _write(tmp_path, f"r{r}-{MB}-float32-n32-worker-c1", _level(20.0, p50=18.0))
+        _write(tmp_path, f"r{r}-{MB}-float32-n1-worker-c64", _level(served / 2))
+        # 10 s of snapshot window at ``served`` req/s: CPU seconds = ms/request * served * 10 / 1000
+        _write(tmp_path, f"r{r}-{MB}-float32-n32-worker-c64-cpu0", {"api": {"1": 0.0}, "worker": {"2": 0.0}})
+        _write(
+            tmp_path,
+            f"r{r}-{MB}-float32-n32-worker-c64-cpu1",
+            {"api": {"1": 2 * served / 100}, "worker": {"2": 10 * served / 100}},
+        )
+
+    figures = cpu_summary.repeat_figures(tmp_path, 2, seconds=10.0)
+    assert figures["mb served/limit"] == pytest.approx(0.8)  # 80 / 100: repeat 2's own limit
+    assert figures["mb batch 32 / batch 1"] == pytest.approx(2.0)
+    assert figures["mb p99/p50 64"] == pytest.approx(1.5)
+    assert figures["mb in-process 1 image"] == pytest.approx(13.0)  # prep 3 + batch 1 at 10 ms
+    assert figures["mb p50 1 - in-process"] == pytest.approx(5.0)
+    assert figures["mb CPU ms/req api"] == pytest.approx(2.0) and figures["mb CPU ms/req"] == pytest.approx(12.0)
+    assert figures["mb CPU ms/req outside prep+forward"] == pytest.approx(12.0 - 8.0)  # best: 3 + 40 / 8
+
+    assert cpu_summary.main([str(tmp_path), "12"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mb served/limit |"))
+    assert row.split("|")[1:-1] == [" mb served/limit ", " 0.50 ", " 0.80 ", " 0.25 ", " **0.50** "]
