@@ -44,6 +44,8 @@ _HELP = {
     "heartbeat_s": "how often a worker renews its registration",
     "worker_ttl_s": "a worker whose registration is older than this is dead",
     "torch_threads": "torch intra-op threads (0: torch's default)",
+    "adaptive_threads": "on a CPU, time every batch size on one torch thread and on all of them at start-up and "
+    "run each size the faster way (small batches lose more to waking threads than they gain)",
     "channels_last": "run the model in channels_last memory format",
     "fuse": "fold each BatchNorm into the convolution before it (inference only; same answers, fewer passes)",
     "compile": "torch.compile the model (inductor); every batch size the worker runs is compiled before it is ready",
@@ -60,7 +62,8 @@ API_FLAGS = (
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
     "window_ms", "preprocess", "batch_buckets", "heartbeat_s", "worker_ttl_s", "reply_ttl_s",
-    "request_timeout_s", "torch_threads", "channels_last", "fuse", "compile", "metrics_port", "log_level",
+    "request_timeout_s", "torch_threads", "adaptive_threads", "channels_last", "fuse", "compile", "metrics_port",
+    "log_level",
 )  # fmt: skip
 
 
@@ -92,6 +95,7 @@ class Settings:
     heartbeat_s: float = 2.0
     worker_ttl_s: float = 10.0
     torch_threads: int = 0
+    adaptive_threads: bool = True
     channels_last: bool = True
     fuse: bool = True
     compile: bool = False

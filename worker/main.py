@@ -9,10 +9,12 @@ import torch
 
 from common.config import Settings
 from common.redisconn import connect
+from worker.batching import bucket_sizes
 from worker.handler import Handler
 from worker.metrics import serve as serve_metrics
 from worker.registry import load_handler
 from worker.runner import BLOCK_S, Worker, batch_buckets
+from worker.threads import ThreadPlan, calibrate, choose_threads
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +50,10 @@ def run(settings: Settings) -> int:
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, len(buckets) + 2)
     handler.setup(device)
     _warm_up(handler, buckets)
+    plan = _thread_plan(settings, handler, device)
     source = getattr(handler, "weights_source", "") or "its own"
     logger.info("loaded %s (%s weights) on %s as %r", settings.model, source, device, settings.served_name)
-    worker = Worker(settings, handler, device, connect(settings, BLOCK_S))
+    worker = Worker(settings, handler, device, connect(settings, BLOCK_S), plan)
     if settings.metrics_port:
         serve_metrics(settings, worker.id)
     worker.install_signal_handlers()
@@ -60,11 +63,36 @@ def run(settings: Settings) -> int:
 def _warm_up(handler: Handler, sizes: list[int]) -> None:
     """A pass at every batch size the worker will run, so no request pays for lazy initialisation
     (and, on CUDA, for cuDNN choosing its plans)."""
+    t0 = time.perf_counter()
+    for n in sizes:
+        _blank_pass(handler, n)
+    logger.info("warmed up batch sizes %s in %.1fs", sizes, time.perf_counter() - t0)
+
+
+def _blank_pass(handler: Handler, n: int) -> None:
+    """What a batch of ``n`` costs the worker: preprocess, forward and postprocess, on blank crops."""
     from common.protocol import TensorData
 
     blank = TensorData("uint8", handler.spec.shape, bytes(handler.spec.crop_size**2 * 3))
-    t0 = time.perf_counter()
     with torch.inference_mode():
-        for n in sizes:
-            handler.postprocess(handler.forward(handler.preprocess([blank] * n)), [{"topk": 1}] * n)
-    logger.info("warmed up batch sizes %s in %.1fs", sizes, time.perf_counter() - t0)
+        handler.postprocess(handler.forward(handler.preprocess([blank] * n)), [{"topk": 1}] * n)
+
+
+def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> ThreadPlan | None:
+    """On a CPU with several torch threads, time each batch size on one thread and on all of them,
+    and keep the faster per size (``worker/threads.py``); None where that does not apply."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or not settings.adaptive_threads or threads < 2:
+        return None
+    t0 = time.perf_counter()
+    sizes = bucket_sizes(settings.max_batch_size)
+    samples = calibrate(lambda n: _blank_pass(handler, n), torch.set_num_threads, sizes, (1, threads))
+    torch.set_num_threads(threads)
+    plan = ThreadPlan(choose_threads(samples))
+    logger.info(
+        "thread plan (batch size:threads) %s, from %s ms per pass in %.1fs",
+        plan.describe(),
+        {s: {n: round(1000 * min(v), 1) for n, v in by.items()} for s, by in samples.items()},
+        time.perf_counter() - t0,
+    )
+    return plan

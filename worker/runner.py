@@ -39,6 +39,7 @@ from worker.batching import LocalBuffer, bucket_for, bucket_sizes, collect_batch
 from worker.broker import Outgoing, WorkerBroker
 from worker.handler import MAX_TOPK, Handler
 from worker.metrics import WorkerMetrics
+from worker.threads import ThreadPlan
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,17 @@ class _Item:
 
 
 class Worker:
-    def __init__(self, settings: Settings, handler: Handler, device: torch.device, r: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        device: torch.device,
+        r: redis.Redis,
+        thread_plan: ThreadPlan | None = None,
+    ) -> None:
         self.settings = settings
+        self.thread_plan = thread_plan
+        self._threads = torch.get_num_threads()  # the main thread's: other threads see their own
         self.handler = handler
         self.device = device
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -126,6 +136,10 @@ class Worker:
     # ---- threads ---------------------------------------------------------------------------
 
     def _collect_loop(self) -> None:
+        if self.device.type == "cpu":
+            # This thread decodes one image at a time beside the forward pass: an OpenMP team of
+            # its own would only add wake-ups (set per thread: the main thread keeps its count).
+            torch.set_num_threads(1)
         backoff = 0.1
         while not self.stop.is_set():
             room = self.buffer.wait_for_room(IDLE_S)
@@ -175,6 +189,7 @@ class Worker:
             "batch_cap": self.batch_cap,
             "buckets": ",".join(map(str, self.buckets)),
             "window_ms": str(self.settings.window_ms),
+            "threads": self.thread_plan.describe() if self.thread_plan else str(self._threads),
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started_ms": self.started_ms,
@@ -241,6 +256,8 @@ class Worker:
 
     def _run(self, items: list[_Item], counts: Counter[str]) -> list[Outgoing]:
         """One forward pass; if it raises, split the batch in halves so only the culprit fails."""
+        if self.thread_plan is not None and (n := self.thread_plan.for_batch(len(items))) != torch.get_num_threads():
+            torch.set_num_threads(n)
         start_ms = now_ms()
         t0 = time.perf_counter()
         try:

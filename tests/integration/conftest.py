@@ -16,6 +16,7 @@ from common.protocol import TensorData
 from common.redisconn import connect
 from worker.handler import InputSpec
 from worker.runner import BLOCK_S, Worker
+from worker.threads import ThreadPlan
 
 POISON = 13  # an input whose first pixel is this value makes the tiny model raise
 
@@ -27,6 +28,7 @@ class TinyHandler:
 
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
+        self.threads: list[int] = []  # torch's thread count during each forward pass
 
     def setup(self, device: torch.device) -> None:
         self.device = device
@@ -39,6 +41,7 @@ class TinyHandler:
         if bool((batch[:, 0, 0, 0] == POISON).any()):
             raise RuntimeError("poisoned input")
         self.batch_sizes.append(batch.shape[0])
+        self.threads.append(torch.get_num_threads())
         m = batch.mean(dim=(1, 2, 3), keepdim=False)
         return torch.stack([-((m - 25.5 * c) ** 2) / 50 for c in range(10)], dim=1)
 
@@ -71,10 +74,13 @@ class OomHandler(TinyHandler):
 
 
 class RunningWorker:
-    def __init__(self, settings: Settings, handler: TinyHandler | None = None) -> None:
+    def __init__(
+        self, settings: Settings, handler: TinyHandler | None = None, thread_plan: ThreadPlan | None = None
+    ) -> None:
         self.handler = handler or TinyHandler()
         self.handler.setup(torch.device("cpu"))
-        self.worker = Worker(settings, self.handler, torch.device("cpu"), connect(settings, BLOCK_S))
+        r = connect(settings, BLOCK_S)
+        self.worker = Worker(settings, self.handler, torch.device("cpu"), r, thread_plan)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         wait_registered(redis.Redis.from_url(settings.redis_url), settings)
@@ -89,9 +95,11 @@ class RunningWorker:
 def start_worker(settings: Settings) -> Iterator[Callable[..., RunningWorker]]:
     started: list[RunningWorker] = []
 
-    def start(handler: TinyHandler | None = None, **overrides: Any) -> RunningWorker:
+    def start(
+        handler: TinyHandler | None = None, thread_plan: ThreadPlan | None = None, **overrides: Any
+    ) -> RunningWorker:
         s = settings.replace(**{"model": "tiny", "request_timeout_s": 5.0, **overrides})
-        w = RunningWorker(s, handler)
+        w = RunningWorker(s, handler, thread_plan)
         started.append(w)
         return w
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+import torch
 from flask.testing import FlaskClient
 from PIL import Image
 
@@ -26,6 +27,7 @@ from tests.integration.conftest import (
     wait_registered,
 )
 from worker.broker import WorkerBroker
+from worker.threads import ThreadPlan
 
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -129,6 +131,29 @@ def test_concurrent_requests_share_forward_passes(tiny: Settings, start_worker: 
     assert all(idx == expected_top1(v) for v, idx, _ in results)
     assert max(bs for _, _, bs in results) > 1
     assert max(w.handler.batch_sizes) <= 8
+
+
+def test_a_cpu_worker_runs_each_batch_size_on_its_planned_thread_count(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads")
+    many = torch.get_num_threads()
+    w = start_worker(thread_plan=ThreadPlan({1: 1, 8: many}), max_batch_size=8, window_ms=300)
+    assert r.hget(tiny.keys.worker(w.worker.id), "threads") == f"1:1,8:{many}".encode()
+    client = _client(tiny)
+    assert client.post("/v1/models/tiny/predict", data=_solid(60), headers=JPEG).status_code == 200
+    app = create_app(tiny)  # then 8 at once: one batch, on all threads
+
+    def one(v: int) -> int:
+        return app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG).status_code
+
+    with ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(8))) == [200] * 8
+    by_size = dict(zip(w.handler.batch_sizes, w.handler.threads))
+    assert w.handler.batch_sizes[0] == 1 and w.handler.threads[0] == 1
+    assert all(n == (1 if size == 1 else many) for size, n in by_size.items()), by_size
+    assert max(w.handler.batch_sizes) > 1
 
 
 def test_a_poisoned_item_fails_alone_and_the_batch_succeeds(

@@ -1,0 +1,82 @@
+"""The CPU worker's thread plan: calibration driven by a fake runner and clock, the choice per batch
+size, and the per-thread behaviour of torch's thread count that the worker relies on."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from worker.threads import ThreadPlan, calibrate, choose_threads
+
+
+class FakeMachine:
+    """A model whose pass takes ``cost[(size, threads)]`` seconds on a fake clock."""
+
+    def __init__(self, cost: dict[tuple[int, int], float]) -> None:
+        self.cost = cost
+        self.now = 0.0
+        self.threads = 0
+        self.calls: list[tuple[int, int]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+
+    def run(self, size: int) -> None:
+        self.calls.append((size, self.threads))
+        self.now += self.cost[(size, self.threads)]
+
+
+def test_small_batches_go_to_one_thread_large_ones_to_all() -> None:
+    # What this 2-core VM showed for mobilenet_v3_small (ms per pass, passive OpenMP threads).
+    cost = {(1, 1): 6.3, (1, 2): 15.8, (8, 1): 26.9, (8, 2): 34.9, (32, 1): 116.5, (32, 2): 89.2}
+    m = FakeMachine({k: v / 1000 for k, v in cost.items()})
+    samples = calibrate(m.run, m.set_threads, [1, 8, 32], [1, 2], reps=3, clock=m.clock)
+    assert {s: {n: len(v) for n, v in by.items()} for s, by in samples.items()} == {
+        1: {1: 3, 2: 3},
+        8: {1: 3, 2: 3},
+        32: {1: 3, 2: 3},
+    }
+    assert samples[32][2] == pytest.approx([0.0892] * 3)
+    plan = ThreadPlan(choose_threads(samples))
+    assert plan.by_size == {1: 1, 8: 1, 32: 2}
+    assert plan.describe() == "1:1,8:1,32:2"
+
+
+def test_thread_counts_are_interleaved_after_an_uncounted_pass() -> None:
+    m = FakeMachine({(4, 1): 0.01, (4, 2): 0.01})
+    calibrate(m.run, m.set_threads, [4], [1, 2], reps=2, clock=m.clock)
+    # the first pass (on all threads) is not timed; then 1, 2, 1, 2
+    assert [t for _, t in m.calls[1:]] == [1, 2, 1, 2]
+
+
+def test_a_close_call_goes_to_all_threads() -> None:
+    # one thread 5 % faster: within the margin, so all threads (the faster way through a backlog)
+    assert choose_threads({16: {1: [0.095, 0.095, 0.5], 2: [0.1, 0.1, 0.1]}}) == {16: 2}
+    # 20 % faster: one thread; the median ignores one slow outlier
+    assert choose_threads({16: {1: [0.08, 0.08, 0.9], 2: [0.1, 0.1, 0.1]}}) == {16: 1}
+
+
+def test_a_batch_uses_the_plan_of_the_smallest_size_that_holds_it() -> None:
+    plan = ThreadPlan({1: 1, 2: 1, 4: 1, 8: 2, 12: 2})
+    assert [plan.for_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 12)] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert plan.for_batch(40) == 2  # beyond the largest calibrated size: its plan
+
+
+def test_torch_thread_count_set_in_one_thread_leaves_the_calling_thread_alone() -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def collector() -> None:
+        torch.set_num_threads(1)
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=collector)
+    t.start()
+    t.join()
+    assert seen == [1]
+    assert torch.get_num_threads() == before  # the worker's main thread keeps its own count

@@ -1,0 +1,79 @@
+"""How many torch threads each batch size runs on (a CPU worker's thread plan).
+
+With OpenMP's passive waiting (which ``redbatch worker`` sets, so idle threads do not burn the
+cores that decoding, the API and Redis share), every parallel region wakes its sleeping threads:
+a pass over a few images, made of hundreds of short operators, can lose more to those wake-ups
+than the second thread gains, while a large batch gains. So the worker times each batch size it
+may run with one thread and with all of them at start-up, and runs each size the faster way.
+
+``calibrate`` and ``choose_threads`` are pure (a runner, a thread setter and a clock are passed
+in), so tests drive them with fakes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+Samples = Mapping[int, Mapping[int, Sequence[float]]]  # batch size -> thread count -> seconds per pass
+
+# Fewer threads must win by this much to be chosen: a batch whose two timings are close goes to all
+# threads, the fastest way through a backlog; small batches win on one thread by 1.5-3x here.
+MARGIN = 0.1
+
+
+def choose_threads(samples: Samples, margin: float = MARGIN) -> dict[int, int]:
+    """For each batch size, the thread count with the lowest median time; a lower count only when
+    it beats every higher one by more than ``margin`` (a fraction)."""
+    plan: dict[int, int] = {}
+    for size, by_threads in samples.items():
+        best_n, best_s = 0, float("inf")
+        for n in sorted(by_threads, reverse=True):
+            med = statistics.median(by_threads[n])
+            if not best_n or med < best_s * (1.0 - margin):
+                best_n, best_s = n, med
+        if best_n:
+            plan[size] = best_n
+    return plan
+
+
+def calibrate(
+    run: Callable[[int], object],
+    set_threads: Callable[[int], object],
+    sizes: Sequence[int],
+    thread_counts: Sequence[int],
+    reps: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[int, dict[int, list[float]]]:
+    """Time ``run(size)`` for each size under each thread count, ``reps`` times, the counts
+    interleaved (1, N, 1, N, ...) so that a drift in the machine's speed hits both alike; one
+    uncounted pass per size first (a new shape's first pass allocates)."""
+    samples: dict[int, dict[int, list[float]]] = {s: {n: [] for n in thread_counts} for s in sizes}
+    for size in sizes:
+        set_threads(thread_counts[-1])
+        run(size)
+        for _ in range(reps):
+            for n in thread_counts:
+                set_threads(n)
+                t0 = clock()
+                run(size)
+                samples[size][n].append(clock() - t0)
+    return samples
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Thread count per calibrated batch size; a batch of ``n`` uses the plan of the smallest
+    calibrated size that holds it (the largest one beyond that)."""
+
+    by_size: Mapping[int, int]
+
+    def for_batch(self, n: int) -> int:
+        sizes = sorted(self.by_size)
+        return self.by_size[next((s for s in sizes if s >= n), sizes[-1])]
+
+    def describe(self) -> str:
+        """``size:threads`` pairs, e.g. ``1:1,2:1,4:1,8:2``: what the worker registers in Redis."""
+        return ",".join(f"{s}:{self.by_size[s]}" for s in sorted(self.by_size))
