@@ -39,10 +39,11 @@ inproc() {  # name model dtype batch-sizes
   tail -2 "$OUT/$1.txt"
 }
 
-served() {  # name model max-batch dtype preprocess "concurrencies"; CPU per process group at each level
-  local name=$1 model=$2 n=$3 dtype=$4 prep=$5 levels=$6 prefix="cpu$RANDOM"
+served() {  # name model max-batch dtype preprocess "concurrencies" [worker flags]; CPU per process group at each level
+  local name=$1 model=$2 n=$3 dtype=$4 prep=$5 levels=$6 extra=${7:-} prefix="cpu$RANDOM"
+  # shellcheck disable=SC2086
   REDBATCH_PREFIX=$prefix $RB worker --model "$model" --weights random --device cpu --dtype "$dtype" \
-    --max-batch-size "$n" --preprocess "$prep" >"$OUT/$name-worker.log" 2>&1 &
+    --max-batch-size "$n" --preprocess "$prep" $extra >"$OUT/$name-worker.log" 2>&1 &
   local wpid=$!
   REDBATCH_PREFIX=$prefix $RB api --bind "127.0.0.1:$HTTP" --workers "$API_WORKERS" --threads 64 >"$OUT/$name-api.log" 2>&1 &
   local apid=$!
@@ -78,6 +79,7 @@ for r in $(seq 1 "$REPEATS"); do
     if [ "$m" = mobilenet_v3_small ]; then
       served "r$r-$m-float32-n1-worker" "$m" 1 float32 worker "64"
       served "r$r-$m-float32-n$n-api" "$m" "$n" float32 api "1 64"
+      served "r$r-$m-float32-n$n-fixedthreads" "$m" "$n" float32 worker "1 64" --no-adaptive-threads
     fi
     if [ "$m" = resnet18 ] && [ "$BF16" = 1 ]; then
       inproc "r$r-$m-bfloat16-inproc" "$m" bfloat16 "$sizes"

@@ -79,6 +79,13 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
     if mb_api and "mb served 64" in f:
         f["mb api-side served 64"] = mb_api["ok_per_s"]
         f["mb worker-side / api-side"] = f["mb served 64"] / mb_api["ok_per_s"]
+    fixed1 = level(out, f"r{r}-{MB}-float32-n32-fixedthreads", 1)
+    fixed64 = level(out, f"r{r}-{MB}-float32-n32-fixedthreads", 64)
+    if fixed1 and "mb p50 1 client" in f:
+        f["mb p50 1 client, all threads always"] = fixed1["p50_ms"]
+    if fixed64 and "mb served 64" in f:
+        f["mb served 64, all threads always"] = fixed64["ok_per_s"]
+        f["mb thread plan / all threads, served 64"] = f["mb served 64"] / fixed64["ok_per_s"]
     bf = level(out, f"r{r}-resnet18-bfloat16-n8-worker", 64)
     if bf and "r18 served 64" in f:
         f["r18 bf16 served 64"] = bf["ok_per_s"]

@@ -37,6 +37,8 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
         _write(tmp_path, f"r{r}-{MB}-float32-n32-worker-c64", _level(served))
         _write(tmp_path, f"r{r}-{MB}-float32-n32-worker-c1", _level(20.0, p50=18.0))
         _write(tmp_path, f"r{r}-{MB}-float32-n1-worker-c64", _level(served / 2))
+        _write(tmp_path, f"r{r}-{MB}-float32-n32-fixedthreads-c64", _level(served / 1.25))
+        _write(tmp_path, f"r{r}-{MB}-float32-n32-fixedthreads-c1", _level(15.0, p50=30.0))
         # 10 s of snapshot window at ``served`` req/s: CPU seconds = ms/request * served * 10 / 1000
         _write(tmp_path, f"r{r}-{MB}-float32-n32-worker-c64-cpu0", {"api": {"1": 0.0}, "worker": {"2": 0.0}})
         _write(
@@ -51,6 +53,8 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
     assert figures["mb p99/p50 64"] == pytest.approx(1.5)
     assert figures["mb in-process 1 image"] == pytest.approx(13.0)  # prep 3 + batch 1 at 10 ms
     assert figures["mb p50 1 - in-process"] == pytest.approx(5.0)
+    assert figures["mb thread plan / all threads, served 64"] == pytest.approx(1.25)
+    assert figures["mb p50 1 client, all threads always"] == pytest.approx(30.0)
     assert figures["mb CPU ms/req api"] == pytest.approx(2.0) and figures["mb CPU ms/req"] == pytest.approx(12.0)
     assert figures["mb CPU ms/req outside prep+forward"] == pytest.approx(12.0 - 8.0)  # best: 3 + 40 / 8
 
