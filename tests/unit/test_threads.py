@@ -53,11 +53,11 @@ def test_thread_counts_are_interleaved_after_an_uncounted_pass() -> None:
     assert [t for _, t in m.calls[1:]] == [1, 2, 1, 2]
 
 
-def test_a_close_call_goes_to_all_threads() -> None:
-    # one thread 5 % faster: within the margin, so all threads (the faster way through a backlog)
-    assert choose_threads({16: {1: [0.095, 0.095, 0.5], 2: [0.1, 0.1, 0.1]}}) == {16: 2}
-    # 20 % faster: one thread; the median ignores one slow outlier
-    assert choose_threads({16: {1: [0.08, 0.08, 0.9], 2: [0.1, 0.1, 0.1]}}) == {16: 1}
+def test_a_close_call_goes_to_fewer_threads() -> None:
+    # two threads 5 % faster: within the margin, so one thread (the other core decodes and serves)
+    assert choose_threads({16: {1: [0.1, 0.1, 0.1], 2: [0.095, 0.095, 0.5]}}) == {16: 1}
+    # 20 % faster: two threads; the median ignores one slow outlier
+    assert choose_threads({16: {1: [0.1, 0.1, 0.1], 2: [0.08, 0.08, 0.9]}}) == {16: 2}
 
 
 def test_a_batch_uses_the_plan_of_the_smallest_size_that_holds_it() -> None:
