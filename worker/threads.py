@@ -46,7 +46,7 @@ def calibrate(
     set_threads: Callable[[int], object],
     sizes: Sequence[int],
     thread_counts: Sequence[int],
-    reps: int = 3,
+    reps: int = 5,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[int, dict[int, list[float]]]:
     """Time ``run(size)`` for each size under each thread count, ``reps`` times, the counts
