@@ -32,7 +32,7 @@ from api.images import open_image, to_model_input
 from common.bench import N_IMAGES, format_table, load_bodies
 from common.config import Settings
 from common.protocol import TensorData
-from worker.handler import TorchvisionClassifier
+from worker.handler import TorchvisionClassifier, allow_compiled_shapes
 from worker.main import resolve_device
 
 INPROCESS_DURATION_S, INPROCESS_WARMUP_S = 1.0, 0.5
@@ -199,9 +199,7 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
     handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last, decode_jpeg=True)
     handler.fuse, handler.compile = cfg.fuse, cfg.compile
     if cfg.compile:
-        import torch._dynamo as dynamo
-
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, len(cfg.batch_sizes) + 2)
+        allow_compiled_shapes(len(cfg.batch_sizes))
     handler.setup(device)
     bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
     n_prep = max(MIN_PREP_IMAGES, N_IMAGES, *cfg.batch_sizes)

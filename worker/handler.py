@@ -81,6 +81,14 @@ def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
     return fused
 
 
+def allow_compiled_shapes(n: int) -> None:
+    """Let torch.compile keep one graph per batch shape for ``n`` shapes (plus slack) instead of
+    falling back to eager once dynamo's default cache limit is reached."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, n + 2)
+
+
 IMAGENET_SPEC = InputSpec(256, 224, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -110,7 +118,7 @@ class ImageHandler:
         self._interpolation = InterpolationMode(spec.interpolation)
         self.dtype = DTYPES[dtype]
         self.channels_last = channels_last
-        self.fuse = True  # fold BatchNorm into convolutions at setup (see ``optimize_for_inference``)
+        self.fuse = True  # fold BatchNorm into convolutions at setup (``fuse_conv_bn``)
         self.compile = False  # torch.compile the model at setup
         self.weights_source = ""
 

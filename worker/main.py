@@ -10,7 +10,7 @@ import torch
 from common.config import Settings
 from common.redisconn import connect
 from worker.batching import bucket_sizes
-from worker.handler import Handler
+from worker.handler import Handler, allow_compiled_shapes
 from worker.metrics import serve as serve_metrics
 from worker.registry import load_handler
 from worker.runner import BLOCK_S, Worker, batch_buckets
@@ -44,10 +44,7 @@ def run(settings: Settings) -> int:
         raise SystemExit(str(exc)) from None
     buckets = batch_buckets(settings, device) or [1]
     if settings.compile:
-        import torch._dynamo as dynamo
-
-        # one compiled graph per bucket, all made during the warm-up below
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, len(buckets) + 2)
+        allow_compiled_shapes(len(buckets))  # one graph per bucket, all made during the warm-up below
     handler.setup(device)
     _warm_up(handler, buckets)
     plan = _thread_plan(settings, handler, device)
