@@ -100,15 +100,13 @@ def parse_priority(raw: object) -> str:
 def call_all(reqs: list[Request], priority: str = "normal") -> list[Reply]:
     """Queue every request, then await each reply in order; the successful replies, in order.
 
-    All frames are queued before the first wait, so the requests of one client call can share a
-    batch without a thread each. Raises the first error: ``QueueFull`` or ``Unavailable`` while
-    queueing, ``DeadlineExceeded``, or the error a worker reported. Frames already queued when an
-    error is raised are still answered by a worker, and their replies expire unread.
+    All frames are queued, and the first reply awaited, in one Redis round trip, so the requests of
+    one client call can share a batch without a thread each. Raises the first error in order:
+    ``QueueFull``, ``Unavailable``, ``DeadlineExceeded``, or the error a worker reported. Frames
+    already queued when an error is raised are still answered by a worker, and their replies
+    expire unread.
     """
-    q = queue()
-    for req in reqs:
-        q.submit(req, priority)
-    return [_checked(q.wait(req)) for req in reqs]
+    return [_checked(reply) for reply in queue().call_all(reqs, priority)]
 
 
 def _checked(reply: Reply) -> Reply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -13,7 +14,8 @@ import redis
 from common.config import Settings
 from common.errors import DeadlineExceeded, ModelNotFound, QueueFull, Unavailable
 from common.protocol import Reply, Request, decode_reply, encode_request, now_ms
-from common.queues import Enqueuer
+from common.queues import FULL, Enqueuer
+from common.redisconn import connect
 from common.registry import WorkerInfo, live_workers
 
 MIN_BLOCK_S = 0.01  # BLPOP's timeout 0 means forever: never send it
@@ -41,14 +43,8 @@ class QueueClient:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._keys = settings.keys
-        self._r = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.request_timeout_s + 5.0,  # above the longest BLPOP
-            socket_connect_timeout=1.0,  # Redis down: answer 503 fast
-            socket_keepalive=True,
-            health_check_interval=30,
-            decode_responses=False,
-        )
+        # Above the longest BLPOP; with Redis down, answer 503 fast.
+        self._r = connect(settings, settings.request_timeout_s, connect_timeout_s=1.0)
         self._enqueuer = Enqueuer(self._r, self._keys)
         self._models: dict[str, ModelInfo] = {}
         self._models_at = float("-inf")
@@ -80,32 +76,78 @@ class QueueClient:
             raise ModelNotFound(f"no live worker serves model {name!r}")
         return info
 
-    def call(self, req: Request, priority: str = "normal") -> Reply:
-        """Enqueue ``req`` at ``priority`` and block (BLPOP, no polling) until its reply or its deadline."""
-        self.submit(req, priority)
-        return self.wait(req)
+    def call_all(self, reqs: list[Request], priority: str = "normal") -> Iterator[Reply]:
+        """Enqueue every request and yield their replies in order, each when it arrives.
 
-    def submit(self, req: Request, priority: str = "normal") -> None:
-        """Enqueue ``req`` at ``priority``; raises ``QueueFull`` at the bound, ``Unavailable`` when Redis is down."""
-        bound = self._settings.max_queue_length
-        try:
-            n = self._enqueuer.push(req.model, encode_request(req), priority, bound)
-        except redis.RedisError as exc:
-            raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
-        if n == -1:
-            raise QueueFull(f"the queue of {req.model!r} is full ({bound} waiting)")
+        One round trip queues them all and blocks on the first reply: one write carries the enqueue
+        scripts and the first BLPOP, and Redis answers the scripts at once and the BLPOP when the
+        worker replies. Raises ``QueueFull``, ``Unavailable`` (Redis down, or refusing a write, e.g.
+        at its maxmemory) or ``DeadlineExceeded``; frames already queued are still answered by a
+        worker and their replies expire unread.
+        """
+        if not reqs:
+            return
+        bound, ttl_ms = self._settings.max_queue_length, int(self._settings.reply_ttl_s * 1000)
+        first = reqs[0]
+        left_s = (first.deadline_ms - now_ms()) / 1000.0
+        if left_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        commands = [
+            self._enqueuer.command(req.model, encode_request(req), priority, bound, self._keys.reply(req.id), ttl_ms)
+            for req in reqs
+        ]
+        commands.append(("BLPOP", self._keys.reply(first.id), f"{max(left_s, MIN_BLOCK_S):.3f}"))
+        yield self._parse(self._enqueue_and_wait(commands, first.model), first.model)
+        for req in reqs[1:]:
+            yield self.wait(req)
 
     def wait(self, req: Request) -> Reply:
-        """Block (BLPOP, no polling) until the reply to a submitted ``req`` or its deadline (``DeadlineExceeded``)."""
+        """Block (BLPOP, no polling) until the reply to a queued ``req`` or its deadline (``DeadlineExceeded``)."""
         left_s = (req.deadline_ms - now_ms()) / 1000.0
         try:
             got = self._r.blpop([self._keys.reply(req.id)], timeout=max(left_s, MIN_BLOCK_S)) if left_s > 0 else None
         except redis.RedisError as exc:
             raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+        return self._parse(got, req.model)
+
+    def _enqueue_and_wait(self, commands: list[tuple[object, ...]], model: str) -> Any:
+        """Send the enqueue ``commands`` and a BLPOP in one write; the BLPOP's answer.
+
+        A refused write (an error) or a full queue behind the first frame leaves the BLPOP blocked
+        on this connection: it is closed instead of reused, and the error raised.
+        """
+        pool = self._r.connection_pool
+        try:
+            conn = pool.get_connection()
+        except redis.RedisError as exc:
+            raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
+            counts = []
+            for _ in commands[:-1]:
+                try:
+                    counts.append(conn.read_response())
+                except redis.ResponseError as exc:  # e.g. OOM at maxmemory: nothing of it was queued
+                    raise Unavailable(f"Redis refused the request: {exc}") from None
+            if -1 in counts[1:]:
+                raise QueueFull(f"the queue of {model!r} is full ({self._settings.max_queue_length} waiting)")
+            return conn.read_response()  # FULL at once when the first frame was refused
+        except BaseException as exc:
+            conn.disconnect()  # type: ignore[no-untyped-call]  # a BLPOP may still be pending on it
+            if isinstance(exc, redis.RedisError):
+                raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+            raise
+        finally:
+            pool.release(conn)
+
+    def _parse(self, got: Any, model: str) -> Reply:
         if got is None:
             # The worker may still answer; its reply key carries a TTL and expires unread.
             raise DeadlineExceeded("no reply before the request's deadline")
-        return decode_reply(cast(bytes, got[1]))
+        raw = cast(bytes, got[1])
+        if raw == FULL:
+            raise QueueFull(f"the queue of {model!r} is full ({self._settings.max_queue_length} waiting)")
+        return decode_reply(raw)
 
 
 def _group(workers: list[WorkerInfo]) -> dict[str, ModelInfo]:

@@ -20,14 +20,23 @@ from common.keys import Keys
 PRIORITIES = ("high", "normal", "low")
 LOW_SHARE = 0.1  # with low-priority frames waiting, about this share of each take goes to them
 
-# KEYS: high, normal, low, wake. ARGV: frame, list index (1..3), bound. Returns the new total or -1.
+# KEYS: high, normal, low, wake[, reply]. ARGV: frame, list index (1..3), bound[, reply TTL ms].
+# Returns the new total, or -1 when the queue is at its bound; given a reply key, a refused frame
+# is also answered there (FULL), so a BLPOP the caller pipelined behind the script returns at once.
 _ENQUEUE = """
 local total = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
-if total >= tonumber(ARGV[3]) then return -1 end
+if total >= tonumber(ARGV[3]) then
+  if KEYS[5] then
+    redis.call('RPUSH', KEYS[5], '!full')
+    redis.call('PEXPIRE', KEYS[5], ARGV[4])
+  end
+  return -1
+end
 redis.call('RPUSH', KEYS[tonumber(ARGV[2])], ARGV[1])
 if redis.call('LLEN', KEYS[4]) == 0 then redis.call('RPUSH', KEYS[4], '1') end
 return total + 1
 """
+FULL = b"!full"  # the reply key's answer to a frame refused at the queue's bound (never a msgpack map)
 
 # KEYS: high, normal, low, inflight, wake. ARGV: n, low share, a random number in [0, 1).
 # Takes up to n frames, high first, then normal, then low; while low frames wait, n * share slots
@@ -80,8 +89,19 @@ class Enqueuer:
 
     def push(self, model: str, frame: bytes, priority: str, bound: int) -> int:
         """Queue ``frame``; returns the model's queue length after it, or -1 when at ``bound``."""
-        keys = [*queue_keys(self._keys, model), self._keys.wake(model)]
-        return int(self._script(keys=keys, args=[frame, priority_index(priority), bound]))
+        return int(self._script(keys=self._queue_keys(model), args=[frame, priority_index(priority), bound]))
+
+    def command(
+        self, model: str, frame: bytes, priority: str, bound: int, reply: str, ttl_ms: int
+    ) -> tuple[object, ...]:
+        """The push of ``frame`` as one command for a pipeline that blocks on ``reply`` behind it: a
+        frame refused at the bound is answered there with ``FULL`` (and the command returns -1).
+        EVAL with the script's text, so a Redis that restarted (no cached scripts) still runs it."""
+        keys = [*self._queue_keys(model), reply]
+        return ("EVAL", _ENQUEUE, len(keys), *keys, frame, priority_index(priority), bound, ttl_ms)
+
+    def _queue_keys(self, model: str) -> list[str]:
+        return [*queue_keys(self._keys, model), self._keys.wake(model)]
 
 
 class Taker:

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import redis
@@ -17,7 +18,7 @@ from PIL import Image
 from api.app import create_app
 from common.config import Settings
 from common.protocol import decode_request
-from tests.conftest import make_image
+from tests.conftest import RedisServer, make_image
 from tests.integration.conftest import (
     POISON,
     OomHandler,
@@ -104,6 +105,22 @@ def test_predict_answers_with_the_models_result(tiny: Settings, start_worker: Ca
         top = body["predictions"][0]
         assert top["index"] == expected_top1(value) and top["label"] == f"c{top['index']}"
         assert body["batch_size"] >= 1 and body["infer_ms"] >= 0 and body["queue_ms"] >= 0
+
+
+def test_redis_over_a_unix_socket_serves_predictions(
+    tiny: Settings, start_worker: Callable[..., RunningWorker], tmp_path: Path
+) -> None:
+    sock = tmp_path / "redis.sock"
+    server = RedisServer(extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"), url=f"unix://{sock}")
+    server.start()
+    try:
+        s = tiny.replace(redis_url=server.url)
+        start_worker(redis_url=server.url)
+        resp = _client(s).post("/v1/models/tiny/predict", data=_solid(130), headers=JPEG)
+        assert resp.status_code == 200, resp.get_json()
+        assert resp.get_json()["predictions"][0]["index"] == expected_top1(130)
+    finally:
+        server.stop()
 
 
 def test_multipart_upload_works(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
@@ -260,13 +277,21 @@ def test_redis_down_is_a_fast_503(tiny: Settings) -> None:
     assert client.get("/readyz").status_code == 503
 
 
-def test_full_queue_is_503_with_retry_after(tiny: Settings, r: redis.Redis) -> None:
-    s = tiny.replace(max_queue_length=2, request_timeout_s=0.3)
+def test_full_queue_is_503_with_retry_after_at_once(tiny: Settings, r: redis.Redis) -> None:
+    s = tiny.replace(max_queue_length=2, request_timeout_s=3.0)
     _fake_registration(s)
     client = _client(s)
-    codes = [client.post("/v1/models/tiny/predict", data=make_image(i), headers=JPEG).status_code for i in range(3)]
-    assert codes == [504, 504, 503]
+    short = {**JPEG, "X-Request-Timeout-Ms": "100"}
+    codes = [client.post("/v1/models/tiny/predict", data=make_image(i), headers=short).status_code for i in range(2)]
+    assert codes == [504, 504]
+    for i in range(3):  # refused without waiting out the 3 s deadline, again and again
+        t0 = time.monotonic()
+        resp = client.post("/v1/models/tiny/predict", data=make_image(i), headers=JPEG)
+        assert resp.status_code == 503 and resp.headers["Retry-After"]
+        assert resp.get_json()["error"]["code"] == "queue_full"
+        assert time.monotonic() - t0 < 1.5
     assert r.llen(s.keys.queue("tiny")) == 2
+    assert not r.keys(s.keys.reply("*"))  # the refusals' answers were read, nothing left behind
 
 
 def test_api_keys_guard_v1_routes_but_not_probes(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:

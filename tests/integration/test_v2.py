@@ -4,6 +4,7 @@ tritonclient cannot see from outside."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 
 import redis
@@ -69,7 +70,9 @@ def test_a_full_queue_is_503_with_retry_after(settings: Settings) -> None:
     # A live-looking worker that never pops: the queue fills.
     ghost = {"model": "tiny", "max_batch_size": 4, "spec": json.dumps(TinyHandler.spec.to_dict())}
     WorkerBroker(redis.Redis.from_url(settings.redis_url), settings, "ghost").register(ghost)
-    client = create_app(settings.replace(model="tiny", max_queue_length=3, request_timeout_s=0.3)).test_client()
+    client = create_app(settings.replace(model="tiny", max_queue_length=3, request_timeout_s=3.0)).test_client()
+    t0 = time.monotonic()
     resp = client.post("/v2/models/tiny/infer", json={"inputs": [_pixels([1, 2, 3, 4])]})
     assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
     assert "full" in resp.get_json()["error"]
+    assert time.monotonic() - t0 < 1.5  # not after the 3 s deadline of the three that were queued
