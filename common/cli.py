@@ -7,18 +7,23 @@ import argparse
 import os
 import sys
 
-from common.config import WORKER_FLAGS, add_flags, settings_from_args
+from common.config import WORKER_FLAGS, Settings, add_flags, settings_from_args
 from common.logs import configure
+
+API_HELP = "serve the HTTP API (gunicorn, no torch)"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["api"]:
+        return _api(argv[1:])
     parser = argparse.ArgumentParser(prog="redbatch", description="Redis-backed dynamic batching for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from api import server
     from common import bench, predict, top, up
 
-    p_api = sub.add_parser("api", help="serve the HTTP API (gunicorn, no torch)")
+    p_api = sub.add_parser("api", help=API_HELP)
     server.add_arguments(p_api)
     p_worker = sub.add_parser("worker", help="run a batching worker for one model on one device")
     add_flags(p_worker, WORKER_FLAGS)
@@ -33,13 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     top.add_arguments(p_top)
 
     args = parser.parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    configure(settings.log_level)
-    if args.command == "api":
-        return server.run(settings)
+    settings = _settings(parser, args)
     if args.command == "worker":
         # Read once, when torch loads OpenMP: idle OpenMP threads then sleep instead of spinning,
         # which on a CPU shared with the worker's own decoding, the API and Redis cost 20-30 % of
@@ -59,6 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "top":
         return top.run(settings, args.interval_s, args.once)
     return up.run(settings, args)
+
+
+def _api(argv: list[str]) -> int:
+    """``redbatch api``, parsed apart from the other commands so that gunicorn's master process never
+    imports redis-py (the other commands' modules do): gevent then patches every module that uses
+    ``ssl`` in the processes it forks, and warns about none."""
+    from api import server
+
+    parser = argparse.ArgumentParser(prog="redbatch api", description=API_HELP)
+    server.add_arguments(parser)
+    return server.run(_settings(parser, parser.parse_args(argv)))
+
+
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure(settings.log_level)
+    return settings
 
 
 if __name__ == "__main__":

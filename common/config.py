@@ -29,7 +29,10 @@ _HELP = {
     "api_keys": "comma-separated keys; when set, /v1 routes need 'Authorization: Bearer KEY'",
     "bind": "HOST:PORT the API listens on",
     "api_workers": "gunicorn worker processes",
-    "api_threads": "threads per gunicorn process (each holds one waiting request)",
+    "api_threads": "threads per gunicorn process under gthread (each holds one waiting request)",
+    "api_connections": "connections one gunicorn process holds at once under gevent (idle keep-alive ones included)",
+    "api_worker_class": "gunicorn worker class: gevent (one OS thread, a greenlet per connection: less CPU per "
+    "request) or gthread (a thread per waiting request)",
     "model": "torchvision architecture (resnet18, ...) or your own model as package.module:factory",
     "model_name": "name to serve the model under (default: the architecture)",
     "weights": "PATH to a state_dict, DEFAULT (torchvision pretrained), random, or auto (DEFAULT, else random)",
@@ -56,8 +59,9 @@ _HELP = {
 
 # Which settings each command takes as flags (kept here so that reading them never imports torch).
 API_FLAGS = (
-    "redis_url", "prefix", "bind", "api_workers", "api_threads", "request_timeout_s", "reply_ttl_s",
-    "max_queue_length", "max_body_bytes", "max_image_pixels", "model_cache_s", "api_keys", "log_level",
+    "redis_url", "prefix", "bind", "api_workers", "api_worker_class", "api_threads", "api_connections",
+    "request_timeout_s", "reply_ttl_s", "max_queue_length", "max_body_bytes", "max_image_pixels", "model_cache_s",
+    "api_keys", "log_level",
 )  # fmt: skip
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
@@ -82,6 +86,8 @@ class Settings:
     bind: str = "127.0.0.1:8000"
     api_workers: int = 2
     api_threads: int = 64
+    api_worker_class: str = "gevent"
+    api_connections: int = 1000
     # worker
     model: str = "resnet18"
     model_name: str = ""

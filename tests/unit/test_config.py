@@ -46,3 +46,10 @@ def test_keys_live_under_the_prefix() -> None:
     assert k.inflight("w1") == "p:inflight:w1"
     assert k.worker_id_of_inflight(k.inflight("host-1-ab")) == "host-1-ab"
     assert Settings(prefix="p", model="m").keys.stats("m") == "p:stats:m"
+
+
+def test_api_refuses_an_unknown_worker_class(capsys: pytest.CaptureFixture[str]) -> None:
+    from common.cli import main
+
+    assert main(["api", "--api-worker-class", "eventlet"]) == 2
+    assert "gevent, gthread" in capsys.readouterr().err
