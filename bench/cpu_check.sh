@@ -9,18 +9,10 @@
 #   bash bench/cpu_check.sh            # from the repo root, with the venv of scripts/test.sh
 # Results go to $OUT (default out/cpu). Knobs: REPEATS=3, SECONDS_PER_LEVEL=10, API_WORKERS=1,
 # MODELS="mobilenet_v3_small resnet18", BF16=1 (resnet18 in bfloat16 too), PYTHON=.venv/bin/python.
-set -uo pipefail
 OUT=${OUT:-out/cpu}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-PY=${PYTHON:-.venv/bin/python}
-RB="$PY -m common.cli"
+source bench/env.sh
 REPEATS=${REPEATS:-3} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10} WARMUP_S=3 API_WORKERS=${API_WORKERS:-1}
 MODELS=${MODELS:-"mobilenet_v3_small resnet18"} BF16=${BF16:-1}
-PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
-trap cleanup EXIT
 
 {
   echo "date: $(date -u +%FT%TZ)"; nproc | sed 's/^/cpu cores: /'
@@ -28,10 +20,8 @@ trap cleanup EXIT
   $PY -c "import sys,torch,torchvision,PIL; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__, 'cpu capability', torch.backends.cpu.get_cpu_capability())"
 } 2>&1 | tee "$OUT/machine.txt"
 
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
-RPID=$!
-pids+=("$RPID")
-export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_REQUEST_TIMEOUT_S=60 REDBATCH_MAX_QUEUE_LENGTH=4096
+start_redis
+export REDBATCH_REQUEST_TIMEOUT_S=60
 
 inproc() {  # name model dtype batch-sizes
   timeout 300 $RB bench --in-process --model "$2" --device cpu --dtype "$3" --batch-sizes "$4" \

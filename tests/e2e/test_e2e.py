@@ -45,6 +45,18 @@ def test_64_clients_get_the_models_own_answers_from_shared_batches(service: Serv
     _64_clients_get_the_models_own_answers(service, weights_file)
 
 
+def test_under_gunicorns_threaded_worker_class_too(
+    redis_server: RedisServer, weights_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    env = {"REDBATCH_API_WORKER_CLASS": "gthread"}  # the default is gevent
+    svc = Service(redis_server.url, weights_file, tmp_path_factory.mktemp("logs"), env=env)
+    try:
+        svc.wait_ready()
+        _64_clients_get_the_models_own_answers(svc, weights_file)
+    finally:
+        svc.stop()
+
+
 def test_with_worker_side_jpeg_decoding_too(
     redis_server: RedisServer, weights_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,12 +15,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
+from api.app import create_app
 from common.bench import Body, make_images, run_level, target_for
 from common.cli import main
+from common.config import Settings
 from worker.bench_inprocess import InProcessConfig, format_report, measure
 
+ROOT = Path(__file__).resolve().parents[2]
 Answer = tuple[int, "int | None"]
 
 
@@ -173,3 +180,30 @@ def test_in_process_measurement_of_a_small_model_on_cpu() -> None:
     one_thread_best = max(row.total_ips for row in r.sweeps[-1].rows)
     assert r.machine_limit_ips == pytest.approx(r.cores * one_thread_best)
     assert "machine limit (one thread per core)" in format_report(r)
+
+
+def test_the_null_worker_answers_through_the_api_and_leaves_nothing_in_flight(settings: Settings) -> None:
+    """bench/api_check.sh's stand-in for a model: a real worker's Redis traffic, no forward pass."""
+    env = {
+        **os.environ,
+        "REDBATCH_REDIS_URL": settings.redis_url,
+        "REDBATCH_PREFIX": settings.prefix,
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "null_worker.py"), "nullnet"], env=env)
+    try:
+        client = create_app(settings).test_client()
+        deadline = time.monotonic() + 20
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline and proc.poll() is None, "the null worker did not register"
+            time.sleep(0.05)
+        for seed in range(3):
+            jpeg = make_images(1, (64, 48), seed)[0]
+            resp = client.post("/v1/models/nullnet/predict", data=jpeg, content_type="image/jpeg")
+            assert resp.status_code == 200, resp.get_json()
+            assert [p["index"] for p in resp.get_json()["predictions"]] == [1, 2, 3, 4, 5]
+        r = redis.Redis.from_url(settings.redis_url)
+        assert not any(r.llen(k) for k in r.scan_iter(settings.keys.inflight("*")))
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

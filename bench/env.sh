@@ -1,0 +1,19 @@
+# What bench/cpu_check.sh and bench/api_check.sh share, sourced after they set OUT: strict mode,
+# the output folder, the venv's Python and the redbatch CLI, free-ish ports, a private redis-server
+# (PID in RPID, URL exported), and a trap that stops every process whose PID is in the pids array.
+set -uo pipefail
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+PY=${PYTHON:-.venv/bin/python}
+RB="$PY -m common.cli"
+PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+trap cleanup EXIT
+
+start_redis() {
+  redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
+  RPID=$!
+  pids+=("$RPID")
+  export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_MAX_QUEUE_LENGTH=4096
+}
