@@ -4,9 +4,9 @@ Under gevent (the default) each connection holds one greenlet, and a waiting req
 its greenlet in BLPOP: one process holds ``--api-connections`` connections. Under gthread each
 waiting request holds one of ``--threads`` threads. Processes (``--workers``) add CPU.
 
-gevent serves a request on one OS thread with no hand-off between threads: with the worker out of
-the way, one process served 1.3-2x the requests of gthread at 64 clients, for 20-50 % less CPU
-each (docs/benchmarks.md).
+gevent serves a request on one OS thread with no hand-off between threads: with the model out of
+the way (bench/api_check.sh), one process served 1.4-1.9x the requests of gthread at 64 clients,
+for 30-50 % less CPU each (docs/benchmarks.md).
 """
 
 from __future__ import annotations
