@@ -127,10 +127,10 @@ class QueueClient:
             for _ in commands[:-1]:
                 try:
                     counts.append(conn.read_response())
-                except redis.ResponseError as exc:  # e.g. OOM at maxmemory: nothing of it was queued
+                except redis.ResponseError as exc:  # e.g. OOM at maxmemory: that frame was not queued
                     raise Unavailable(f"Redis refused the request: {exc}") from None
             if -1 in counts[1:]:
-                raise QueueFull(f"the queue of {model!r} is full ({self._settings.max_queue_length} waiting)")
+                raise self._full(model)
             return conn.read_response()  # FULL at once when the first frame was refused
         except BaseException as exc:
             conn.disconnect()  # type: ignore[no-untyped-call]  # a BLPOP may still be pending on it
@@ -146,8 +146,11 @@ class QueueClient:
             raise DeadlineExceeded("no reply before the request's deadline")
         raw = cast(bytes, got[1])
         if raw == FULL:
-            raise QueueFull(f"the queue of {model!r} is full ({self._settings.max_queue_length} waiting)")
+            raise self._full(model)
         return decode_reply(raw)
+
+    def _full(self, model: str) -> QueueFull:
+        return QueueFull(f"the queue of {model!r} is full ({self._settings.max_queue_length} waiting)")
 
 
 def _group(workers: list[WorkerInfo]) -> dict[str, ModelInfo]:
