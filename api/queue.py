@@ -14,11 +14,9 @@ import redis
 from common.config import Settings
 from common.errors import DeadlineExceeded, ModelNotFound, QueueFull, Unavailable
 from common.protocol import Reply, Request, decode_reply, encode_request, now_ms
-from common.queues import FULL, Enqueuer
+from common.queues import FULL, MIN_BLOCK_S, Enqueuer
 from common.redisconn import connect
 from common.registry import WorkerInfo, live_workers
-
-MIN_BLOCK_S = 0.01  # BLPOP's timeout 0 means forever: never send it
 
 
 @dataclass

@@ -19,6 +19,7 @@ from common.keys import Keys
 
 PRIORITIES = ("high", "normal", "low")
 LOW_SHARE = 0.1  # with low-priority frames waiting, about this share of each take goes to them
+MIN_BLOCK_S = 0.01  # BLPOP's timeout 0 means forever: never send it
 
 # KEYS: high, normal, low, wake[, reply]. ARGV: frame, list index (1..3), bound[, reply TTL ms].
 # Returns the new total, or -1 when the queue is at its bound; given a reply key, a refused frame
@@ -111,18 +112,17 @@ class Taker:
         self._r = r
         self._wake = keys.wake(model)
         self._keys = [*queue_keys(keys, model), inflight, self._wake]
-        self._script = r.register_script(_TAKE)
-
-    def take_now(self, n: int) -> list[bytes]:
-        return cast(list[bytes], self._script(keys=self._keys, args=[n, LOW_SHARE, random.random()]))
 
     def take(self, n: int, block_s: float) -> list[bytes]:
         """Up to ``n`` frames; when none are waiting, block up to ``block_s`` on the doorbell.
 
-        One round trip under load, two when idle. A frame pushed without ringing (e.g. by hand with
-        redis-cli) is still found by the next call, at most ``block_s`` later.
+        One round trip, busy or idle: one write carries a BLPOP on the doorbell and the take script
+        behind it. Redis runs the script once the BLPOP returns: at once while frames wait (the
+        bell is rung then), or when the next enqueue rings it. A frame pushed without ringing (by
+        hand with redis-cli, say) is taken when the BLPOP times out, at most ``block_s`` later.
+        The script's text travels with it (EVAL), so a restarted Redis needs no reload.
         """
-        got = self.take_now(n)
-        if got or self._r.blpop([self._wake], timeout=block_s) is None:
-            return got
-        return self.take_now(n)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.blpop([self._wake], timeout=max(block_s, MIN_BLOCK_S))
+        pipe.execute_command("EVAL", _TAKE, len(self._keys), *self._keys, n, LOW_SHARE, random.random())  # type: ignore[no-untyped-call]
+        return cast(list[bytes], pipe.execute()[1])

@@ -320,7 +320,11 @@ class Worker:
         With no next batch waiting and the replier idle, reply on this thread instead: a lone
         request then skips a thread hop (a wake-up, which on a VM costs up to a millisecond)."""
         self.metrics.count(counts)
-        if direct_if_idle and out and not self.buffer and self._outbox.empty():
+        if not out:  # nothing to send: the counts ride on the next reply (no thread woken for them)
+            with self._unsent_lock:
+                self._unsent.update(counts)
+            return
+        if direct_if_idle and not self.buffer and self._outbox.empty():
             self._send_now(out, counts)
         else:
             self._outbox.put((out, counts))
@@ -330,12 +334,8 @@ class Worker:
             self._send_now(*job)
 
     def _send_now(self, out: list[Outgoing], counts: Counter[str]) -> None:
-        """Reply to ``out`` and add ``counts`` to the stats; counts with no reply to ride on wait
-        for the next round trip instead of costing one of their own."""
+        """Reply to ``out`` and add ``counts``, with any that waited for a reply to ride on, to the stats."""
         with self._unsent_lock:
-            if not out:
-                self._unsent.update(counts)
-                return
             counts = counts + self._unsent
             self._unsent.clear()
         # Replies outlive a short Redis outage: retry for up to one request timeout.

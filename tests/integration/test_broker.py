@@ -52,7 +52,8 @@ def test_take_times_out_empty_on_an_idle_queue(settings: Settings) -> None:
 def test_take_moves_up_to_max_frames_into_the_inflight_list(settings: Settings, r: redis.Redis) -> None:
     keys = settings.keys
     frames = [_frame(i) for i in range(5)]
-    r.rpush(keys.queue("resnet18"), *frames)
+    for f in frames:
+        Enqueuer(r, keys).push("resnet18", f, "normal", 100)
     got = _broker(settings).take(3, block_s=1.0)
     assert got == frames[:3]
     assert r.lrange(keys.inflight("w1"), 0, -1) == frames[:3]
@@ -114,7 +115,7 @@ def test_a_registered_worker_that_stops_heartbeating_is_recovered_and_forgotten(
     keys = settings.keys
     short = settings.replace(worker_ttl_s=0.2)
     _broker(short, "doomed").register({"model": "resnet18", "max_batch_size": 4, "spec": "{}"})
-    r.rpush(keys.queue("resnet18"), _frame(1))
+    Enqueuer(r, keys).push("resnet18", _frame(1), "normal", 100)
     assert _broker(short, "doomed").take(4, 1.0) == [_frame(1)]
     survivor = _broker(settings, "survivor")
     assert survivor.recover_dead() == 0  # still registered: its frames are its own
