@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from api import inference, metrics, openapi, v2
+from api.fastpath import RAW_TYPES, PredictFastPath
 from api.inference import EXTENSION
 from api.inference import queue as _queue
 from api.inference import settings as _settings
@@ -19,16 +18,12 @@ from api.queue import QueueClient
 from common.config import Settings
 from common.errors import (
     BadRequest,
-    PayloadTooLarge,
     RedbatchError,
-    Unauthorized,
     UnsupportedMediaType,
 )
-from common.protocol import now_ms
 
 logger = logging.getLogger(__name__)
 
-RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
 MEASURED = ("redbatch.predict", "v2.infer")  # endpoints counted in redbatch_requests_total, by model
 
 bp = Blueprint("redbatch", __name__)
@@ -41,7 +36,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[EXTENSION] = {"settings": settings, "queue": QueueClient(settings), "served": set()}
+    queue, served = QueueClient(settings), set[str]()
+    app.extensions[EXTENSION] = {"settings": settings, "queue": queue, "served": served}
+    # The common predict request skips Flask (api/fastpath.py); the rest reaches the routes below.
+    app.wsgi_app = PredictFastPath(app.wsgi_app, settings, queue, served)  # type: ignore[method-assign]
     app.register_blueprint(bp)
     app.register_blueprint(v2.bp)
     app.before_request(_start_timer)  # first: it must run even when the API key check refuses
@@ -57,30 +55,14 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 @bp.post("/v1/models/<model>/predict")
 def predict(model: str) -> ResponseReturnValue:
-    settings = _settings()
-    received_ms = now_ms()
-    deadline_ms = inference.deadline_ms(received_ms)
-    topk = inference.parse_topk(request.args.get("topk"))
-    priority = inference.parse_priority(request.headers.get("X-Priority"))
-    body = _image_body()
-    info = _queue().model(model)
-    g.redbatch_served = True  # a bounded metric label: only names a live worker served
-    tensor = inference.model_input(body, info.spec, settings.max_image_pixels)
-    req = inference.new_request(model, deadline_ms, tensor, topk, priority)
-    (reply,) = inference.call_all([req], priority)
-    assert reply.result is not None
-    res = reply.result
-    if {"indices", "labels", "scores"} <= res.keys():  # a classifier
-        answer: dict[str, Any] = {
-            "predictions": [
-                {"index": i, "label": lab, "score": s}
-                for i, lab, s in zip(res["indices"], res["labels"], res["scores"])
-            ]
-        }
-    else:  # a user's own handler: its result as it is (e.g. {"embedding": [...]})
-        answer = {"outputs": res}
-    meta = {k: reply.meta.get(k) for k in ("batch_size", "queue_ms", "infer_ms")}
-    return jsonify(id=req.id, model=model, **answer, **meta)
+    """What ``api/fastpath.py`` hands on: multipart uploads, bodies without a Content-Length, other
+    content types (415). The same function answers there, without Flask."""
+
+    def served() -> None:
+        g.redbatch_served = True  # a bounded metric label: only names a live worker served
+
+    args = (request.args.get("topk"), request.headers.get("X-Priority"), request.headers.get("X-Request-Timeout-Ms"))
+    return jsonify(inference.predict_v1(_queue(), _settings(), model, _image_body, *args, served))
 
 
 @bp.get("/v1/models")
@@ -127,9 +109,7 @@ def _record(resp: Response) -> Response:
     if t0 is not None:
         model = (request.view_args or {}).get("model", "")
         served: set[str] = current_app.extensions[EXTENSION]["served"]
-        if g.get("redbatch_served"):
-            served.add(model)
-        label = model if model in served else ""
+        label = metrics.label(served, model, bool(g.get("redbatch_served")))
         metrics.observe(label, resp.status_code, g.get("redbatch_error"), time.perf_counter() - t0)
     return resp
 
@@ -140,19 +120,7 @@ def _stop_timer(_exc: BaseException | None) -> None:
 
 
 def _require_api_key() -> None:
-    """With keys configured, every /v1 and /v2/models route needs ``Authorization: Bearer <key>``;
-    probes (and v2's health and server metadata) do not."""
-    if not request.path.startswith(("/v1/", "/v2/models/")):
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
-    # Compare against every key, always: constant time in the key presented and in which one matched.
-    matched = False
-    for key in _settings().api_key_list:
-        matched |= hmac.compare_digest(presented, key.encode())
-    if not matched:
-        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+    inference.check_api_key(request.path, request.headers.get("Authorization"), _settings().api_key_list)
 
 
 def _image_body() -> bytes:
@@ -179,16 +147,13 @@ def _on_error(exc: RedbatchError) -> ResponseReturnValue:
         logger.warning("%s: %s", exc.code, exc.message)
     resp = jsonify(error=exc.to_wire())
     resp.status_code = exc.status
-    if exc.status == 503:
-        resp.headers["Retry-After"] = "1"
-    if exc.status == 401:
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="redbatch"'
+    resp.headers.extend(inference.error_headers(exc.status))
     return resp
 
 
 def _on_http_error(exc: HTTPException) -> ResponseReturnValue:
     if isinstance(exc, RequestEntityTooLarge):
-        return _on_error(PayloadTooLarge(f"the body is larger than {_settings().max_body_bytes} bytes"))
+        return _on_error(inference.body_too_large(_settings().max_body_bytes))
     code = (exc.name or "error").lower().replace(" ", "_")
     resp = jsonify(error={"code": code, "message": exc.description or exc.name})
     resp.status_code = exc.code or 500

@@ -4,6 +4,8 @@ frames queued and awaited."""
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flask import current_app, request
@@ -11,7 +13,7 @@ from flask import current_app, request
 from api.images import open_image, to_model_input
 from api.queue import QueueClient
 from common.config import Settings
-from common.errors import BadRequest, error_from_wire
+from common.errors import BadRequest, PayloadTooLarge, Unauthorized, error_from_wire
 from common.protocol import Reply, Request, TensorData, new_request_id, now_ms
 from common.queues import PRIORITIES
 
@@ -32,8 +34,12 @@ def queue() -> QueueClient:
 
 def deadline_ms(received_ms: int) -> int:
     """The request's deadline: the configured timeout, or shorter if the client asks for it."""
-    limit_ms = int(settings().request_timeout_s * 1000)
-    raw = request.headers.get("X-Request-Timeout-Ms")
+    return deadline_from(received_ms, request.headers.get("X-Request-Timeout-Ms"), settings().request_timeout_s)
+
+
+def deadline_from(received_ms: int, raw: str | None, timeout_s: float) -> int:
+    """``deadline_ms`` from the header's value ``raw`` (None when absent) and the configured timeout."""
+    limit_ms = int(timeout_s * 1000)
     if raw is None:
         return received_ms + limit_ms
     try:
@@ -95,6 +101,72 @@ def parse_priority(raw: object) -> str:
     if value not in PRIORITIES:
         raise BadRequest(f"priority must be one of {', '.join(PRIORITIES)}, not {str(raw)[:20]!r}")
     return value
+
+
+def predict_v1(
+    q: QueueClient,
+    s: Settings,
+    model: str,
+    body: Callable[[], bytes],
+    topk: str | None,
+    priority: str | None,
+    timeout_ms: str | None,
+    on_served: Callable[[], object],
+) -> dict[str, Any]:
+    """``POST /v1/models/<model>/predict`` without its HTTP layer: the query's ``topk``, the
+    ``X-Priority`` and ``X-Request-Timeout-Ms`` headers as given (None when absent), the body read
+    when it is due (its errors come after the parameters' and before the model's), ``on_served``
+    called once a live worker is known to serve ``model``. The answer's fields, in order; raises a
+    ``RedbatchError`` for the client. Both the WSGI fast path and the Flask route run this."""
+    received_ms = now_ms()
+    deadline = deadline_from(received_ms, timeout_ms, s.request_timeout_s)
+    k = parse_topk(topk)
+    level = parse_priority(priority)
+    data = body()
+    info = q.model(model)
+    on_served()
+    tensor = model_input(data, info.spec, s.max_image_pixels)
+    req = new_request(model, deadline, tensor, k, level)
+    (reply,) = [_checked(r) for r in q.call_all([req], level)]
+    assert reply.result is not None
+    res = reply.result
+    answer: dict[str, Any] = {"id": req.id, "model": model}
+    if {"indices", "labels", "scores"} <= res.keys():  # a classifier
+        answer["predictions"] = [
+            {"index": i, "label": lab, "score": sc} for i, lab, sc in zip(res["indices"], res["labels"], res["scores"])
+        ]
+    else:  # a user's own handler: its result as it is (e.g. {"embedding": [...]})
+        answer["outputs"] = res
+    answer.update((f, reply.meta.get(f)) for f in ("batch_size", "queue_ms", "infer_ms"))
+    return answer
+
+
+def body_too_large(max_body_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the body is larger than {max_body_bytes} bytes")
+
+
+def error_headers(status: int) -> list[tuple[str, str]]:
+    """What an error answer of ``status`` carries besides its body: when to retry (503), how to authenticate (401)."""
+    if status == 503:
+        return [("Retry-After", "1")]
+    if status == 401:
+        return [("WWW-Authenticate", 'Bearer realm="redbatch"')]
+    return []
+
+
+def check_api_key(path: str, header: str | None, keys: Sequence[str]) -> None:
+    """With ``keys`` configured, every /v1 and /v2/models route needs ``Authorization: Bearer <key>``
+    (``header``); probes (and v2's health and server metadata) do not. Raises ``Unauthorized``."""
+    if not keys or not path.startswith(("/v1/", "/v2/models/")):
+        return
+    scheme, _, token = (header or "").partition(" ")
+    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # Compare against every key, always: constant time in the key presented and in which one matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented, key.encode())
+    if not matched:
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
 
 def call_all(reqs: list[Request], priority: str = "normal") -> list[Reply]:

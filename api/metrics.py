@@ -48,6 +48,14 @@ def observe(model: str, status: int, error_code: str | None, seconds: float) -> 
         EXPIRED.labels(model).inc()
 
 
+def label(served: set[str], model: str, served_now: bool) -> str:
+    """The ``model`` label of a request for ``model``: the name once a live worker has served it
+    (``served_now`` adds it to ``served``), else "" (a client's made-up names stay out of the labels)."""
+    if served_now:
+        served.add(model)
+    return model if model in served else ""
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text of every process (multiprocess mode) or of this one, and its content type."""
     if os.environ.get(MULTIPROC_ENV):

@@ -38,7 +38,6 @@ from api import inference
 from common.errors import (
     BadRequest,
     InferenceFailed,
-    PayloadTooLarge,
     RedbatchError,
     Unavailable,
     UnsupportedMediaType,
@@ -425,7 +424,7 @@ def _on_error(exc: RedbatchError) -> Response:
 @bp.errorhandler(HTTPException)
 def _on_http_error(exc: HTTPException) -> Response:
     if isinstance(exc, RequestEntityTooLarge):
-        return _on_error(PayloadTooLarge(f"the body is larger than {inference.settings().max_body_bytes} bytes"))
+        return _on_error(inference.body_too_large(inference.settings().max_body_bytes))
     resp = _error(exc.description or exc.name, exc.code or 500)
     if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
         resp.headers["Allow"] = ", ".join(exc.valid_methods)
@@ -451,8 +450,5 @@ def _routing_error() -> Response | None:
 def _error(message: str, status: int) -> Response:
     resp = jsonify(error=message)
     resp.status_code = status
-    if status == 503:
-        resp.headers["Retry-After"] = "1"
-    if status == 401:
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="redbatch"'
+    resp.headers.extend(inference.error_headers(status))
     return resp

@@ -134,6 +134,52 @@ def test_multipart_upload_works(tiny: Settings, start_worker: Callable[..., Runn
     assert resp.get_json()["predictions"][0]["index"] == expected_top1(200)
 
 
+def _multipart(body: bytes) -> dict:
+    return {"data": {"image": (io.BytesIO(body), "x.png")}, "content_type": "multipart/form-data"}
+
+
+@pytest.mark.parametrize(
+    "path,auth,status",
+    [
+        ("/v1/models/tiny/predict?topk=3", "Bearer k1", 200),
+        ("/v1/models/tiny/predict?topk=0", "Bearer k1", 400),
+        ("/v1/models/nope/predict", "Bearer k1", 404),
+        ("/v1/models/tiny/predict", "Bearer wrong", 401),
+    ],
+)
+def test_a_raw_body_and_a_multipart_upload_get_the_same_answer(
+    tiny: Settings, start_worker: Callable[..., RunningWorker], path: str, auth: str, status: int
+) -> None:
+    """A raw body is answered without Flask (api/fastpath.py), a multipart upload by Flask's route:
+    the client cannot tell them apart, byte for byte, but for the request's own id and timings."""
+    start_worker()
+    client = _client(tiny.replace(api_keys="k1"))
+    raw = client.post(path, data=_solid(200), headers={**JPEG, "Authorization": auth})
+    form = client.post(path, headers={"Authorization": auth}, **_multipart(_solid(200)))
+    assert raw.status_code == form.status_code == status
+    for name in ("Content-Type", "WWW-Authenticate", "Retry-After"):
+        assert raw.headers.get(name) == form.headers.get(name)
+    if status != 200:
+        assert raw.data == form.data and raw.get_json()["error"]["code"]
+        return
+    a, b = raw.get_json(), form.get_json()
+    assert list(a) == list(b) == ["id", "model", "predictions", "batch_size", "queue_ms", "infer_ms"]
+    assert a["id"] != b["id"] and a["predictions"] == b["predictions"] and len(a["predictions"]) == 3
+    assert a["predictions"][0]["index"] == expected_top1(200)
+
+
+def test_a_chunked_body_without_a_length_is_served(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
+    start_worker()
+    resp = _client(tiny).post(
+        "/v1/models/tiny/predict",
+        input_stream=io.BytesIO(_solid(70)),
+        headers={**JPEG, "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},  # as gunicorn sets it: read to the end
+    )
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["predictions"][0]["index"] == expected_top1(70)
+
+
 def test_concurrent_requests_share_forward_passes(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
     w = start_worker(max_batch_size=8, window_ms=20)
     app = create_app(tiny)
