@@ -1,7 +1,9 @@
 """``redbatch api``: the Flask app under gunicorn.
 
-Under gevent (the default) each connection holds one greenlet, and a waiting request blocks only
-its greenlet in BLPOP: one process holds ``--api-connections`` connections. Under gthread each
+Under gevent (the default; gevent_pywsgi is gevent's own HTTP parser and writer in the same
+worker, without gunicorn's idle keep-alive timeout) each connection holds one greenlet, and a
+waiting request blocks only its greenlet in BLPOP: one process holds ``--api-connections``
+connections. Under gthread each
 waiting request holds one of ``--threads`` threads. Processes (``--workers``) add CPU.
 
 gevent serves a request on one OS thread with no hand-off between threads: with the model out of
@@ -67,7 +69,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return create_app(self.settings)
 
 
-WORKER_CLASSES = ("gevent", "gthread")
+WORKER_CLASSES = ("gevent", "gevent_pywsgi", "gthread")
 
 
 def run(settings: Settings) -> int:

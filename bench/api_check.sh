@@ -5,10 +5,10 @@
 # per request (bench/proc_cpu.py). What it prints is what HTTP, the API and Redis cost per request.
 #
 #   bash bench/api_check.sh            # from the repo root, with the venv of scripts/test.sh
-# Knobs: ROUNDS=3, CLASSES="gthread gevent", SECONDS_PER_LEVEL=8, PYTHON=.venv/bin/python, OUT=out/api.
+# Knobs: ROUNDS=3, CLASSES="gthread gevent gevent_pywsgi", SECONDS_PER_LEVEL=8, PYTHON=.venv/bin/python, OUT=out/api.
 OUT=${OUT:-out/api}
 source bench/env.sh
-ROUNDS=${ROUNDS:-3} CLASSES=${CLASSES:-"gthread gevent"} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-8} MODEL=null
+ROUNDS=${ROUNDS:-3} CLASSES=${CLASSES:-"gthread gevent gevent_pywsgi"} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-8} MODEL=null
 start_redis
 sleep 0.5
 $PY bench/null_worker.py "$MODEL" >"$OUT/worker.log" 2>&1 &

@@ -32,7 +32,8 @@ _HELP = {
     "api_threads": "threads per gunicorn process under gthread (each holds one waiting request)",
     "api_connections": "connections one gunicorn process holds at once under gevent (idle keep-alive ones included)",
     "api_worker_class": "gunicorn worker class: gevent (one OS thread, a greenlet per connection: less CPU per "
-    "request) or gthread (a thread per waiting request)",
+    "request), gevent_pywsgi (gevent's own HTTP server: less CPU still, but idle keep-alive connections never "
+    "time out: put it behind a proxy that closes them) or gthread (a thread per waiting request)",
     "model": "torchvision architecture (resnet18, ...) or your own model as package.module:factory",
     "model_name": "name to serve the model under (default: the architecture)",
     "weights": "PATH to a state_dict, DEFAULT (torchvision pretrained), random, or auto (DEFAULT, else random)",

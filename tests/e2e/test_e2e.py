@@ -45,10 +45,11 @@ def test_64_clients_get_the_models_own_answers_from_shared_batches(service: Serv
     _64_clients_get_the_models_own_answers(service, weights_file)
 
 
-def test_under_gunicorns_threaded_worker_class_too(
-    redis_server: RedisServer, weights_file: Path, tmp_path_factory: pytest.TempPathFactory
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent_pywsgi"])
+def test_under_gunicorns_other_worker_classes_too(
+    redis_server: RedisServer, weights_file: Path, tmp_path_factory: pytest.TempPathFactory, worker_class: str
 ) -> None:
-    env = {"REDBATCH_API_WORKER_CLASS": "gthread"}  # the default is gevent
+    env = {"REDBATCH_API_WORKER_CLASS": worker_class}  # the default is gevent
     svc = Service(redis_server.url, weights_file, tmp_path_factory.mktemp("logs"), env=env)
     try:
         svc.wait_ready()

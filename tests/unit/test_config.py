@@ -52,4 +52,4 @@ def test_api_refuses_an_unknown_worker_class(capsys: pytest.CaptureFixture[str])
     from common.cli import main
 
     assert main(["api", "--api-worker-class", "eventlet"]) == 2
-    assert "gevent, gthread" in capsys.readouterr().err
+    assert "gevent, gevent_pywsgi, gthread" in capsys.readouterr().err
