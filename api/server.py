@@ -1,9 +1,8 @@
 """``redbatch api``: the Flask app under gunicorn.
 
-Under gevent (the default; gevent_pywsgi is gevent's own HTTP parser and writer in the same
-worker, without gunicorn's idle keep-alive timeout) each connection holds one greenlet, and a
-waiting request blocks only its greenlet in BLPOP: one process holds ``--api-connections``
-connections. Under gthread each
+Under gevent_pywsgi (the default: gunicorn's gevent worker with gevent's own HTTP server,
+api/pywsgi.py) or gevent each connection holds one greenlet, and a waiting request blocks only its
+greenlet in BLPOP: one process holds ``--api-connections`` connections. Under gthread each
 waiting request holds one of ``--threads`` threads. Processes (``--workers``) add CPU.
 
 gevent serves a request on one OS thread with no hand-off between threads: with the model out of
@@ -49,7 +48,7 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
             "workers": s.api_workers,
             "threads": s.api_threads,  # gthread
             "worker_connections": s.api_connections,  # gevent
-            "worker_class": s.api_worker_class,
+            "worker_class": WORKER_CLASSES[s.api_worker_class],
             "timeout": int(s.request_timeout_s) + 30,
             "graceful_timeout": int(s.request_timeout_s) + 5,
             "keepalive": 5,
@@ -69,7 +68,8 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return create_app(self.settings)
 
 
-WORKER_CLASSES = ("gevent", "gevent_pywsgi", "gthread")
+# --api-worker-class -> what gunicorn loads (gevent_pywsgi with an idle timeout: api/pywsgi.py)
+WORKER_CLASSES = {"gevent": "gevent", "gevent_pywsgi": "api.pywsgi.PyWSGIWorker", "gthread": "gthread"}
 
 
 def run(settings: Settings) -> int:

@@ -31,9 +31,9 @@ _HELP = {
     "api_workers": "gunicorn worker processes",
     "api_threads": "threads per gunicorn process under gthread (each holds one waiting request)",
     "api_connections": "connections one gunicorn process holds at once under gevent (idle keep-alive ones included)",
-    "api_worker_class": "gunicorn worker class: gevent (one OS thread, a greenlet per connection: less CPU per "
-    "request), gevent_pywsgi (gevent's own HTTP server: less CPU still, but idle keep-alive connections never "
-    "time out: put it behind a proxy that closes them) or gthread (a thread per waiting request)",
+    "api_worker_class": "gunicorn worker class: gevent_pywsgi (gevent's HTTP server in gunicorn's gevent worker: "
+    "one OS thread, a greenlet per connection, the least CPU per request), gevent (the same with gunicorn's "
+    "HTTP parser) or gthread (a thread per waiting request)",
     "model": "torchvision architecture (resnet18, ...) or your own model as package.module:factory",
     "model_name": "name to serve the model under (default: the architecture)",
     "weights": "PATH to a state_dict, DEFAULT (torchvision pretrained), random, or auto (DEFAULT, else random)",
@@ -87,7 +87,7 @@ class Settings:
     bind: str = "127.0.0.1:8000"
     api_workers: int = 2
     api_threads: int = 64
-    api_worker_class: str = "gevent"
+    api_worker_class: str = "gevent_pywsgi"
     api_connections: int = 1000
     # worker
     model: str = "resnet18"

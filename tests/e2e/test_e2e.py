@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import signal
 import subprocess
@@ -45,17 +46,35 @@ def test_64_clients_get_the_models_own_answers_from_shared_batches(service: Serv
     _64_clients_get_the_models_own_answers(service, weights_file)
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent_pywsgi"])
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
 def test_under_gunicorns_other_worker_classes_too(
     redis_server: RedisServer, weights_file: Path, tmp_path_factory: pytest.TempPathFactory, worker_class: str
 ) -> None:
-    env = {"REDBATCH_API_WORKER_CLASS": worker_class}  # the default is gevent
+    env = {"REDBATCH_API_WORKER_CLASS": worker_class}  # the default is gevent_pywsgi
     svc = Service(redis_server.url, weights_file, tmp_path_factory.mktemp("logs"), env=env)
     try:
         svc.wait_ready()
         _64_clients_get_the_models_own_answers(svc, weights_file)
     finally:
         svc.stop()
+
+
+def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_kept(service: Service) -> None:
+    """gevent's HTTP server (the default worker class) would hold an idle connection, and its greenlet,
+    forever: api/pywsgi.py gives it gunicorn's keep-alive timeout (5 s)."""
+    host, port = service.url.removeprefix("http://").split(":")
+    kept, idle = http.client.HTTPConnection(host, int(port)), http.client.HTTPConnection(host, int(port))
+    for conn in (kept, idle):
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() == b'{"status":"ok"}\n'
+    for _ in range(4):  # 8 s in all, never 5 s idle
+        time.sleep(2.0)
+        kept.request("GET", "/healthz")
+        resp = kept.getresponse()
+        assert resp.status == 200 and resp.read()
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        idle.request("GET", "/healthz")
+        idle.getresponse()
 
 
 def test_with_worker_side_jpeg_decoding_too(
