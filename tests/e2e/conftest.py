@@ -92,8 +92,8 @@ class Service:
                 ready = requests.get(self.url + "/readyz", timeout=1).status_code == 200
                 if ready and self.live_workers() >= want:
                     return
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or its processes still booting: the request waits in the backlog
             time.sleep(0.2)
         raise AssertionError(f"service not ready; logs in {self.logdir}")
 
