@@ -1,10 +1,11 @@
 """``POST /v1/models/<model>/predict`` as a plain WSGI callable in front of Flask.
 
 Profiled under load with a model-less worker (bench/api_check.sh), Flask's request context,
-routing, hooks and ``jsonify`` were about a third of an API process's CPU per predict request. The
-common case (a raw image body with a Content-Length) is answered here by the same function the
-Flask route runs (``inference.predict_v1``), with the same errors, headers and metrics; anything
-else (multipart uploads, bodies without a length, other methods and routes) goes on to Flask.
+routing, hooks and ``jsonify`` were 13-16 % of an API process's samples; answering without them
+took a third off its CPU per predict request (docs/benchmarks.md). The common case (a raw image
+body with a Content-Length) is answered here by the same function the Flask route runs
+(``inference.predict_v1``), with the same errors, headers and metrics; anything else (multipart
+uploads, bodies without a length, other methods and routes) goes on to Flask.
 """
 
 from __future__ import annotations
