@@ -6,8 +6,8 @@ greenlet in BLPOP: one process holds ``--api-connections`` connections. Under gt
 waiting request holds one of ``--threads`` threads. Processes (``--workers``) add CPU.
 
 gevent serves a request on one OS thread with no hand-off between threads: with the model out of
-the way (bench/api_check.sh), one process served 1.4-1.9x the requests of gthread at 64 clients,
-for 30-50 % less CPU each (docs/benchmarks.md).
+the way (bench/api_check.sh), the API's CPU per request was 0.69-0.87 ms under gevent_pywsgi,
+0.76-1.00 under gevent and 1.17-1.30 under gthread (docs/benchmarks.md, fourth session).
 """
 
 from __future__ import annotations

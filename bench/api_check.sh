@@ -20,10 +20,7 @@ for r in $(seq 1 "$ROUNDS"); do
   for cls in $CLASSES; do
     $RB api --bind "127.0.0.1:$HTTP" --workers 1 --api-worker-class "$cls" >"$OUT/api-$cls.log" 2>&1 &
     apid=$!
-    for _ in $(seq 1 120); do
-      curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break
-      sleep 0.5
-    done
+    wait_ready 60
     name="r$r-$cls"
     $RB bench --url "http://127.0.0.1:$HTTP" --model $MODEL --concurrency 1 --duration-s 4 --warmup-s 1 \
       --json "$OUT/$name-c1.json" >"$OUT/$name-c1.txt" 2>&1

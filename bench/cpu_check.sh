@@ -38,10 +38,7 @@ served() {  # name model max-batch dtype preprocess "concurrencies" [worker flag
   REDBATCH_PREFIX=$prefix $RB api --bind "127.0.0.1:$HTTP" --workers "$API_WORKERS" --threads 64 >"$OUT/$name-api.log" 2>&1 &
   local apid=$!
   pids+=("$wpid" "$apid")
-  for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break
-    sleep 0.5
-  done
+  wait_ready 120
   for c in $levels; do
     $RB bench --url "http://127.0.0.1:$HTTP" --model "$model" --concurrency "$c" --duration-s "$SECONDS_PER_LEVEL" \
       --warmup-s "$WARMUP_S" --json "$OUT/$name-c$c.json" >"$OUT/$name-c$c.txt" 2>&1 &

@@ -1,6 +1,7 @@
 # What bench/cpu_check.sh and bench/api_check.sh share, sourced after they set OUT: strict mode,
 # the output folder, the venv's Python and the redbatch CLI, free-ish ports, a private redis-server
-# (PID in RPID, URL exported), and a trap that stops every process whose PID is in the pids array.
+# (PID in RPID, URL exported), waiting for the API to be ready, and a trap that stops every process
+# whose PID is in the pids array.
 set -uo pipefail
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -10,6 +11,14 @@ PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
 trap cleanup EXIT
+
+wait_ready() {  # seconds: until the API on $HTTP answers /readyz (a live worker registered), or give up
+  for _ in $(seq 1 $(($1 * 2))); do
+    curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  return 1
+}
 
 start_redis() {
   redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
