@@ -2,13 +2,14 @@
 # The GPU check (issue 5): resnet50 float16 channels_last on one NVIDIA GPU with 16 CPU cores, in
 # under 6 minutes. Measures the model's in-process limit, then the served throughput through the
 # real stack (gunicorn API processes on the CPU cores -> Redis -> one worker on the GPU) at 64 and
-# 256 clients, with preprocessing in the API and with JPEG decoding batched on the GPU.
+# 256 clients, with preprocessing in the API and with JPEG decoding batched on the GPU, the latter
+# also with --cuda-graphs (one graph per batch bucket); the in-process limit with and without graphs.
 #
 # On a GPU machine that has torch but not the rest, first (here):  bash ../shared/tools/device-kit.sh
 # then there, from the repo root:                                  bash bench/gpu_check.sh
 # Results go to $OUT (or ./out). A dry run on a CPU machine:
 #   DEVICE=cpu MODEL=mobilenet_v3_small DTYPE=float32 CLIENTS="8" SECONDS_PER_LEVEL=3 API_WORKERS=1 bash bench/gpu_check.sh
-# Knobs: MODES="api worker", CLIENTS="64 256", BENCH_PROCS=2 (client processes), API_WORKERS=10,
+# Knobs: MODES="api worker", GRAPHS=1 (the graph runs too), CLIENTS="64 256", BENCH_PROCS=2 (client processes), API_WORKERS=10,
 # SKIP_INPROC=1, PROFILE=1 (py-spy raw stacks of the worker and one API process, if py-spy is there).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -18,7 +19,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNI
 PY=${PYTHON:-python3}
 RB="$PY -m common.cli"
 MODEL=${MODEL:-resnet50} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-float16}
-CLIENTS=${CLIENTS:-"64 256"} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-12}
+CLIENTS=${CLIENTS:-"64 256"} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10} GRAPHS=${GRAPHS:-1}
 API_WORKERS=${API_WORKERS:-10} MAX_BATCH=${MAX_BATCH:-128} BENCH_PROCS=${BENCH_PROCS:-2}
 PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
 pids=()
@@ -31,19 +32,28 @@ trap cleanup EXIT
   $PY -c "import sys,torch,torchvision,PIL; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-echo "== in-process limit: $MODEL $DTYPE channels_last on $DEVICE" | tee "$OUT/summary.txt"
-[ -n "${SKIP_INPROC:-}" ] || timeout 150 $RB bench --in-process --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --channels-last \
-  --batch-sizes "${BATCH_SIZES:-1,8,32,64,128,256}" --duration-s "${INPROC_S:-1.5}" --json "$OUT/inprocess.json" \
-  2>&1 | tee -a "$OUT/summary.txt"
+: >"$OUT/summary.txt"
+inproc() {  # name [extra flags]
+  echo "== in-process limit: $MODEL $DTYPE channels_last on $DEVICE ${2:-}" | tee -a "$OUT/summary.txt"
+  # shellcheck disable=SC2086
+  timeout 150 $RB bench --in-process --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --channels-last ${2:-} \
+    --batch-sizes "${BATCH_SIZES:-1,8,32,64,128,256}" --duration-s "${INPROC_S:-1.5}" --json "$OUT/$1.json" \
+    2>&1 | tee -a "$OUT/summary.txt"
+}
+if [ -z "${SKIP_INPROC:-}" ]; then
+  inproc inprocess
+  [ "$GRAPHS" = 1 ] && inproc inprocess-graphs --cuda-graphs
+fi
 
 redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
 pids+=($!)
 export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_REQUEST_TIMEOUT_S=30 REDBATCH_MAX_QUEUE_LENGTH=4096
 
-served() {  # $1: preprocess mode (api | worker)
-  local mode=$1 prefix="gpu$1"
+served() {  # preprocess mode (api | worker), [name, extra worker flags]
+  local prep=$1 mode=${2:-$1} extra=${3:-} prefix="gpu${2:-$1}"
+  # shellcheck disable=SC2086
   REDBATCH_PREFIX=$prefix $RB worker --model "$MODEL" --weights random --device "$DEVICE" --dtype "$DTYPE" \
-    --max-batch-size "$MAX_BATCH" --window-ms 2 --preprocess "$mode" >"$OUT/worker-$mode.log" 2>&1 &
+    --max-batch-size "$MAX_BATCH" --window-ms 2 --preprocess "$prep" $extra >"$OUT/worker-$mode.log" 2>&1 &
   local wpid=$!
   REDBATCH_PREFIX=$prefix $RB api --bind "127.0.0.1:$HTTP" --workers "$API_WORKERS" --threads 64 \
     >"$OUT/api-$mode.log" 2>&1 &
@@ -51,6 +61,11 @@ served() {  # $1: preprocess mode (api | worker)
   pids+=("$wpid" "$apid")
   for _ in $(seq 1 300); do
     $PY -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:$HTTP/readyz').status != 200)" 2>/dev/null && break
+    if ! kill -0 "$wpid" 2>/dev/null; then  # the worker refused its options or failed to start
+      echo "== worker $mode exited: $(tail -1 "$OUT/worker-$mode.log")" | tee -a "$OUT/summary.txt"
+      kill "$apid"; wait "$apid" 2>/dev/null
+      return
+    fi
     sleep 0.5
   done
   for c in $CLIENTS; do
@@ -75,4 +90,5 @@ served() {  # $1: preprocess mode (api | worker)
 }
 
 for mode in ${MODES:-api worker}; do served "$mode"; done
+[ "$GRAPHS" = 1 ] && served worker worker-graphs --cuda-graphs
 echo "== done" | tee -a "$OUT/summary.txt"

@@ -90,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     local.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="fold BatchNorm into convs")
     local.add_argument("--compile", action="store_true", help="torch.compile the model (each batch size compiles once)")
+    local.add_argument("--cuda-graphs", action="store_true", help="on CUDA, one CUDA graph per batch size, replayed")
     local.add_argument("--batch-sizes", type=parse_int_list, default=DEFAULT_BATCH_SIZES, help="batch sizes to time")
     local.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     local.add_argument("--weights", default="random", help="random (default; timing only), DEFAULT or a state_dict")

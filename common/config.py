@@ -53,6 +53,8 @@ _HELP = {
     "channels_last": "run the model in channels_last memory format",
     "fuse": "fold each BatchNorm into the convolution before it (inference only; same answers, fewer passes)",
     "compile": "torch.compile the model (inductor); every batch size the worker runs is compiled before it is ready",
+    "cuda_graphs": "on CUDA, capture the forward pass as a CUDA graph per batch bucket at start-up and replay it "
+    "(one launch instead of one per kernel: small batches stop being bound by the CPU issuing kernels)",
     "metrics_port": "port of the worker's Prometheus /metrics (all interfaces; 0: off)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
@@ -67,8 +69,8 @@ API_FLAGS = (
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
     "window_ms", "preprocess", "batch_buckets", "heartbeat_s", "worker_ttl_s", "reply_ttl_s",
-    "request_timeout_s", "torch_threads", "adaptive_threads", "channels_last", "fuse", "compile", "metrics_port",
-    "log_level",
+    "request_timeout_s", "torch_threads", "adaptive_threads", "channels_last", "fuse", "compile", "cuda_graphs",
+    "metrics_port", "log_level",
 )  # fmt: skip
 
 
@@ -106,6 +108,7 @@ class Settings:
     channels_last: bool = True
     fuse: bool = True
     compile: bool = False
+    cuda_graphs: bool = False
     metrics_port: int = 0
     log_level: str = "INFO"
 

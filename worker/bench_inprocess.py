@@ -32,8 +32,9 @@ from api.images import open_image, to_model_input
 from common.bench import N_IMAGES, format_table, load_bodies
 from common.config import Settings
 from common.protocol import TensorData
+from worker.graphs import use_cuda_graphs
 from worker.handler import TorchvisionClassifier, allow_compiled_shapes
-from worker.main import resolve_device
+from worker.main import blank_inputs, check_cuda_graphs, resolve_device
 
 INPROCESS_DURATION_S, INPROCESS_WARMUP_S = 1.0, 0.5
 MIN_PREP_IMAGES = 32
@@ -48,6 +49,7 @@ class InProcessConfig:
     channels_last: bool = True
     fuse: bool = True
     compile: bool = False
+    cuda_graphs: bool = False
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     duration_s: float = INPROCESS_DURATION_S  # measured time per batch size (at least one batch)
     warmup_s: float = INPROCESS_WARMUP_S  # warm-up per batch size (at least one batch)
@@ -82,7 +84,7 @@ class InProcessResult:
     device: str
     dtype: str
     channels_last: bool
-    options: str  # "BatchNorm folded", "torch.compile"
+    options: str  # "BatchNorm folded", "torch.compile", "CUDA graphs"
     weights: str
     cores: int
     image_size: tuple[int, int]
@@ -196,11 +198,15 @@ def machine_limit(device: torch.device, sweeps: Sequence[Sweep], cores: int) -> 
 def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None) -> InProcessResult:
     """Load the model, time preprocessing and every batch size; see the module docstring."""
     device = resolve_device(cfg.device)
+    if cfg.cuda_graphs:
+        check_cuda_graphs(device, cfg.compile)
     handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last, decode_jpeg=True)
     handler.fuse, handler.compile = cfg.fuse, cfg.compile
     if cfg.compile:
         allow_compiled_shapes(len(cfg.batch_sizes))
     handler.setup(device)
+    if cfg.cuda_graphs:  # a graph for every batch size timed, as the worker has one per bucket
+        use_cuda_graphs(handler, cfg.batch_sizes, lambda n: handler.preprocess(blank_inputs(handler, n)))
     bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
     n_prep = max(MIN_PREP_IMAGES, N_IMAGES, *cfg.batch_sizes)
     before = torch.get_num_threads()
@@ -225,8 +231,7 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
         device=str(device),
         dtype=cfg.dtype,
         channels_last=cfg.channels_last,
-        options=", ".join([o for o, on in (("BatchNorm folded", cfg.fuse), ("torch.compile", cfg.compile)) if on])
-        or "eager",
+        options=", ".join(o for o, on in _options(cfg) if on) or "eager",
         weights=handler.weights_source,
         cores=cores,
         image_size=cfg.size,
@@ -237,6 +242,10 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
         machine_limit_ips=limit_ips,
         machine_limit=how,
     )
+
+
+def _options(cfg: InProcessConfig) -> tuple[tuple[str, bool], ...]:
+    return (("BatchNorm folded", cfg.fuse), ("torch.compile", cfg.compile), ("CUDA graphs", cfg.cuda_graphs))
 
 
 def sweep_table(s: Sweep) -> str:
@@ -290,6 +299,7 @@ def config_from_args(args: argparse.Namespace) -> InProcessConfig:
         channels_last=args.channels_last,
         fuse=args.fuse,
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         batch_sizes=tuple(args.batch_sizes),
         duration_s=INPROCESS_DURATION_S if args.duration_s is None else args.duration_s,
         warmup_s=INPROCESS_WARMUP_S if args.warmup_s is None else args.warmup_s,

@@ -8,8 +8,10 @@ import time
 import torch
 
 from common.config import Settings
+from common.protocol import TensorData
 from common.redisconn import connect
 from worker.batching import bucket_sizes
+from worker.graphs import use_cuda_graphs
 from worker.handler import Handler, allow_compiled_shapes
 from worker.metrics import serve as serve_metrics
 from worker.registry import load_handler
@@ -38,6 +40,8 @@ def run(settings: Settings) -> int:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
+    if settings.cuda_graphs:
+        check_cuda_graphs(device, settings.compile, settings.batch_buckets)
     try:
         handler = load_handler(settings, device)
     except ValueError as exc:
@@ -47,6 +51,9 @@ def run(settings: Settings) -> int:
         allow_compiled_shapes(len(buckets))  # one graph per bucket, all made during the warm-up below
     handler.setup(device)
     _warm_up(handler, buckets)
+    if settings.cuda_graphs:
+        use_cuda_graphs(handler, buckets, lambda n: handler.preprocess(blank_inputs(handler, n)))
+        _warm_up(handler, buckets)  # every graph replayed once, before the worker is ready
     plan = _thread_plan(settings, handler, device)
     source = getattr(handler, "weights_source", "") or "its own"
     logger.info("loaded %s (%s weights) on %s as %r", settings.model, source, device, settings.served_name)
@@ -55,6 +62,16 @@ def run(settings: Settings) -> int:
         serve_metrics(settings, worker.id)
     worker.install_signal_handlers()
     return worker.run()
+
+
+def check_cuda_graphs(device: torch.device, compile_: bool, batch_buckets: str = "auto") -> None:
+    """Exit with a clear message where ``--cuda-graphs`` cannot apply."""
+    if device.type != "cuda":
+        raise SystemExit(f"--cuda-graphs needs a CUDA device; this one is {device}")
+    if batch_buckets == "off":
+        raise SystemExit("--cuda-graphs needs --batch-buckets auto or on: one graph is captured per bucket")
+    if compile_:
+        raise SystemExit("--cuda-graphs with --compile is not supported: choose one")
 
 
 def _warm_up(handler: Handler, sizes: list[int]) -> None:
@@ -68,11 +85,14 @@ def _warm_up(handler: Handler, sizes: list[int]) -> None:
 
 def _blank_pass(handler: Handler, n: int) -> None:
     """What a batch of ``n`` costs the worker: preprocess, forward and postprocess, on blank crops."""
-    from common.protocol import TensorData
-
-    blank = TensorData("uint8", handler.spec.shape, bytes(handler.spec.crop_size**2 * 3))
     with torch.inference_mode():
-        handler.postprocess(handler.forward(handler.preprocess([blank] * n)), [{"topk": 1}] * n)
+        handler.postprocess(handler.forward(handler.preprocess(blank_inputs(handler, n))), [{"topk": 1}] * n)
+
+
+def blank_inputs(handler: Handler, n: int) -> list[TensorData]:
+    """``n`` black model-sized uint8 images, as the API would send them."""
+    blank = TensorData("uint8", handler.spec.shape, bytes(handler.spec.crop_size**2 * 3))
+    return [blank] * n
 
 
 def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> ThreadPlan | None:

@@ -188,6 +188,7 @@ class Worker:
             "max_batch_size": self.settings.max_batch_size,
             "batch_cap": self.batch_cap,
             "buckets": ",".join(map(str, self.buckets)),
+            "cuda_graphs": int(self.settings.cuda_graphs),
             "window_ms": str(self.settings.window_ms),
             "threads": self.thread_plan.describe() if self.thread_plan else str(self._threads),
             "pid": os.getpid(),
