@@ -14,7 +14,7 @@ import redis
 from common.config import Settings
 from common.errors import DeadlineExceeded, ModelNotFound, QueueFull, Unavailable
 from common.protocol import Reply, Request, decode_reply, encode_request, now_ms
-from common.queues import FULL, MIN_BLOCK_S, Enqueuer
+from common.queues import FULL, MIN_BLOCK_S, Enqueuer, admitted
 from common.redisconn import connect
 from common.registry import WorkerInfo, live_workers
 
@@ -91,8 +91,11 @@ class QueueClient:
         if left_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was queued")
         commands = [
-            self._enqueuer.command(req.model, encode_request(req), priority, bound, self._keys.reply(req.id), ttl_ms)
+            cmd
             for req in reqs
+            for cmd in self._enqueuer.commands(
+                req.model, encode_request(req), priority, bound, self._keys.reply(req.id), ttl_ms
+            )
         ]
         commands.append(("BLPOP", self._keys.reply(first.id), f"{max(left_s, MIN_BLOCK_S):.3f}"))
         yield self._parse(self._enqueue_and_wait(commands, first.model), first.model)
@@ -122,9 +125,11 @@ class QueueClient:
         try:
             conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
             counts = []
-            for _ in commands[:-1]:
+            for cmd in commands[:-1]:
                 try:
-                    counts.append(conn.read_response())
+                    got = conn.read_response()
+                    if cmd[0] == "EXEC":  # one per frame: its queue's length, or -1 when refused
+                        counts.append(admitted(got))
                 except redis.ResponseError as exc:  # e.g. OOM at maxmemory: that frame was not queued
                     raise Unavailable(f"Redis refused the request: {exc}") from None
             if -1 in counts[1:]:

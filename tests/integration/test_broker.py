@@ -153,6 +153,32 @@ def test_the_bound_counts_all_priorities(settings: Settings, r: redis.Redis) -> 
     enq = Enqueuer(r, settings.keys)
     assert [enq.push("m", _frame(i, model="m"), p, 3) for i, p in enumerate(["high", "low", "normal"])] == [1, 2, 3]
     assert enq.push("m", _frame(9, model="m"), "high", 3) == -1
+    keys = settings.keys
+    queued = [f for p in ("high", "normal", "low") for f in r.lrange(keys.queue("m", p), 0, -1)]
+    assert len(queued) == 3 and _frame(9, model="m") not in queued  # the refused frame left no trace
+
+
+def test_racing_takers_get_every_frame_exactly_once(settings: Settings, r: redis.Redis) -> None:
+    enq = Enqueuer(r, settings.keys)
+    frames = [_frame(i) for i in range(300)]
+    got: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
+
+    def drain(wid: str) -> None:
+        broker = _broker(settings, wid)
+        while sum(map(len, got.values())) < len(frames):
+            got[wid].extend(broker.take(7, 0.2))
+
+    threads = [threading.Thread(target=drain, args=(w,)) for w in got]
+    for t in threads:
+        t.start()
+    for f in frames:  # pushed while the takers run, so their plans and moves interleave
+        enq.push("resnet18", f, "normal", 1000)
+    for t in threads:
+        t.join(timeout=30)
+    taken = [f for mine in got.values() for f in mine]
+    assert sorted(taken) == sorted(frames)  # none lost, none twice
+    for wid, mine in got.items():  # each frame sits in the in-flight list of the worker that took it
+        assert r.lrange(settings.keys.inflight(wid), 0, -1) == mine
 
 
 def test_an_idle_peer_is_woken_while_frames_remain(settings: Settings, r: redis.Redis) -> None:
