@@ -4,9 +4,11 @@ Two costs are timed apart, in this one process:
 
 - preprocessing, one image at a time on one core, both ways the service can run it: the API's
   path (``api.images``: Pillow decode, resize, crop) and the worker's (``handler.prepare``:
-  ``torchvision.io`` decode, uint8 resize and crop); the faster one counts;
+  ``torchvision.io`` decode, uint8 resize and crop, and on a CPU the normalisation); the faster
+  one counts;
 - the handler's batched ``preprocess + forward + postprocess`` under ``torch.inference_mode``, for
-  each batch size after a warm-up of that size (on CUDA the clock stops after a synchronize).
+  each batch size after a warm-up of that size (on CUDA the clock stops after a synchronize), on
+  what the faster path hands it, as in the worker.
 
 The machine limit, as the project defines it: on a CPU, the number of cores times the best
 single-thread rate of (preprocessing + model) per image, i.e. one single-threaded process per core;
@@ -25,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -114,20 +117,21 @@ def time_preprocess(
     return inputs, statistics.median(times)
 
 
-def time_worker_preprocess(handler: TorchvisionClassifier, bodies: Sequence[bytes], n: int) -> float:
-    """The worker's own preprocessing (``prepare``: decode, resize, crop) of ``n`` JPEGs, each timed
-    on its own after one untimed image; the median seconds per image. On CUDA it is not timed
-    (nvjpeg decodes whole batches inside the model's step there): returns infinity."""
+def time_worker_preprocess(handler: TorchvisionClassifier, bodies: Sequence[bytes], n: int) -> tuple[list[Any], float]:
+    """The worker's own preprocessing (``prepare``: decode, resize, crop, normalise) of ``n`` JPEGs,
+    each timed on its own after one untimed image; what it made and the median seconds per image.
+    On CUDA it is not timed (nvjpeg decodes whole batches inside the model's step there): nothing
+    and infinity."""
     if handler.device.type != "cpu":
-        return float("inf")
+        return [], float("inf")
     jpegs = [TensorData("jpeg", (len(b),), b) for b in bodies]
     handler.prepare(jpegs[:1])
-    times = []
+    prepared, times = [], []
     for i in range(n):
         start = time.perf_counter()
-        handler.prepare([jpegs[i % len(jpegs)]])
+        prepared.extend(handler.prepare([jpegs[i % len(jpegs)]]))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return prepared, statistics.median(times)
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -136,13 +140,13 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _step(handler: TorchvisionClassifier, batch: Sequence[TensorData]) -> None:
+def _step(handler: TorchvisionClassifier, batch: Sequence[Any]) -> None:
     with torch.inference_mode():
         handler.postprocess(handler.forward(handler.preprocess(batch)), [{"topk": 5}] * len(batch))
 
 
 def _repeat(
-    handler: TorchvisionClassifier, batch: Sequence[TensorData], min_s: float, sync: Callable[[], None]
+    handler: TorchvisionClassifier, batch: Sequence[Any], min_s: float, sync: Callable[[], None]
 ) -> list[float]:
     """Run ``batch`` at least once and until ``min_s`` has passed; the seconds of each run."""
     sync()
@@ -156,7 +160,7 @@ def _repeat(
 
 
 def time_batch(
-    handler: TorchvisionClassifier, inputs: Sequence[TensorData], batch_size: int, cfg: InProcessConfig, prep_s: float
+    handler: TorchvisionClassifier, inputs: Sequence[Any], batch_size: int, cfg: InProcessConfig, prep_s: float
 ) -> BatchRow:
     """One batch size: warm-up, then the median time of a batch (robust to a neighbour's burst of CPU)."""
     batch = [inputs[i % len(inputs)] for i in range(batch_size)]
@@ -174,7 +178,7 @@ def time_batch(
 
 
 def sweep(
-    handler: TorchvisionClassifier, inputs: Sequence[TensorData], cfg: InProcessConfig, prep_s: float, threads: int
+    handler: TorchvisionClassifier, inputs: Sequence[Any], cfg: InProcessConfig, prep_s: float, threads: int
 ) -> Sweep:
     """Every batch size with ``threads`` torch threads (the previous setting is restored)."""
     before = torch.get_num_threads()
@@ -212,11 +216,14 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, like the API's Pillow
     try:
-        inputs, api_prep_s = time_preprocess(bodies, handler.spec.to_dict(), cfg.max_pixels, n_prep)
-        worker_prep_s = time_worker_preprocess(handler, [b for b in bodies if b[:2] == b"\xff\xd8"], n_prep)
+        api_inputs, api_prep_s = time_preprocess(bodies, handler.spec.to_dict(), cfg.max_pixels, n_prep)
+        prepared, worker_prep_s = time_worker_preprocess(handler, [b for b in bodies if b[:2] == b"\xff\xd8"], n_prep)
     finally:
         torch.set_num_threads(before)
     prep_s = min(api_prep_s, worker_prep_s)
+    # The model's step runs on what the faster path hands it, as in the worker: on a CPU, images
+    # ``prepare`` already normalised (the step only stacks them); else the API's uint8 crops.
+    inputs: list[Any] = prepared if worker_prep_s < api_prep_s else api_inputs
     threads = cfg.threads or torch.get_num_threads()
     thread_counts = [threads] if device.type != "cpu" or threads == 1 else [threads, 1]
     sweeps = []

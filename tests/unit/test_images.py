@@ -127,10 +127,30 @@ def test_worker_side_jpeg_decoding_matches_the_api_path() -> None:
     assert torch.equal(mixed[1], a[1])
     assert (mixed - a).abs().mean() < 0.02  # resampling differs slightly from Pillow's, not more
     # The worker's crops are Pillow's but for rounding: one grey level, in under 1 % of pixels.
+    grey_level = 1.0 / (255.0 * min(handler.spec.std))  # one grey level, normalised
     for body, api in zip(bodies, api_inputs):
-        (crop,) = handler.prepare([TensorData("jpeg", (len(body),), body)])
-        diff = (crop.int() - torch.frombuffer(bytearray(api.data), dtype=torch.uint8).view(api.shape).int()).abs()
-        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+        prepared = handler.prepare([TensorData("jpeg", (len(body),), body)])
+        diff = (handler.preprocess(prepared) - handler.preprocess([api])).abs()
+        assert diff.max() <= grey_level + 1e-5 and (diff > 1e-5).float().mean() < 0.01
+
+
+@pytest.mark.parametrize(("dtype", "channels_last"), [("float32", True), ("float32", False), ("bfloat16", True)])
+def test_images_the_collector_prepared_make_the_same_batch(dtype: str, channels_last: bool) -> None:
+    """On a CPU the collector thread normalises each image as it arrives; the batch the model gets
+    is the one batched normalisation would have made: same values, dtype and memory format."""
+    from common.protocol import TensorData
+
+    handler = TorchvisionClassifier("resnet18", "random", dtype=dtype, channels_last=channels_last, decode_jpeg=True)
+    handler.setup(torch.device("cpu"))
+    bodies = [make_image(s, (640, 480)) for s in range(3)]
+    inputs = [to_model_input(open_image(b, MAX_PIXELS), handler.spec.to_dict(), MAX_PIXELS) for b in bodies]
+    inputs.append(TensorData("jpeg", (len(bodies[0]),), bodies[0]))
+    prepared = handler.prepare(inputs)
+    assert all(isinstance(p, torch.Tensor) and p.dtype == handler.dtype for p in prepared)
+    got, want = handler.preprocess(prepared), handler.preprocess(inputs)
+    assert got.dtype == want.dtype == handler.dtype and got.shape == want.shape == (4, 3, 224, 224)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.allclose(got.float(), want.float(), atol=1e-5 if dtype == "float32" else 2e-2)
 
 
 def test_worker_side_decoding_rejects_a_broken_jpeg_as_invalid_image() -> None:
