@@ -4,8 +4,10 @@ For each concurrency level C, C client threads each hold one keep-alive connecti
 next request as soon as the previous answer arrives. Requests that finish during the warm-up, or
 after the measured window, are not counted; each thread stops after its first request that ends
 past the window, so every level sends exactly one uncounted request per thread after the window.
-Bodies are encoded once, before any clock starts, and the client uses ``http.client`` directly: it
-shares the machine with the service, so its own CPU cost must stay small.
+Bodies are encoded once, before any clock starts, and each request is sent as bytes built once per
+body (``KeepAlive``: its answer read with a hand-written scan of the status line and headers): the
+client shares the machine with the service, so its own CPU cost must stay small. HTTPS goes
+through ``http.client``.
 
 ``redbatch bench --in-process`` (the model's own limit, no HTTP) lives in ``worker.bench_inprocess``.
 """
@@ -17,6 +19,7 @@ import http.client
 import io
 import json
 import math
+import socket
 import sys
 import threading
 import time
@@ -25,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -145,9 +148,128 @@ class Target:
     path: str
     headers: tuple[tuple[str, str], ...] = ()
 
-    def connect(self, timeout_s: float = REQUEST_TIMEOUT_S) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=timeout_s)
+    def connect(self, timeout_s: float = REQUEST_TIMEOUT_S) -> Client:
+        """One client's connection (opened at its first request, reopened after an error)."""
+        if self.scheme == "https":
+            return StdlibClient(self, timeout_s)
+        return KeepAlive(self, timeout_s)
+
+
+class Client(Protocol):
+    def post(self, body: Body) -> tuple[int, bytes]:
+        """Send ``body`` to the predict route; the answer's status and body. Raises OSError,
+        ``http.client.HTTPException`` or ValueError when the exchange fails (then call ``close``)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+MAX_LINE = 65536
+
+
+class KeepAlive:
+    """A keep-alive HTTP/1.1 connection for the bench's one kind of request, cheap per request:
+    each body's request (line, headers, body) is built once and sent in one write; the answer's
+    status line and headers are scanned by hand for Content-Length, chunked transfer and
+    ``Connection: close``. ``http.client`` builds and checks every header of every request and
+    parses the answer's headers with the email package."""
+
+    def __init__(self, target: Target, timeout_s: float) -> None:
+        self._target = target
+        self._timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._rfile: Any = None
+        self._requests: dict[int, bytes] = {}
+
+    def _request(self, body: Body) -> bytes:
+        key = id(body.data)
+        if key not in self._requests:
+            t = self._target
+            host = f"[{t.host}]" if ":" in t.host else t.host
+            lines = [
+                f"POST {t.path} HTTP/1.1",
+                f"Host: {host}:{t.port}",
+                f"Content-Type: {body.content_type}",
+                f"Content-Length: {len(body.data)}",
+                *(f"{k}: {v}" for k, v in t.headers),
+            ]
+            self._requests[key] = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body.data
+        return self._requests[key]
+
+    def post(self, body: Body) -> tuple[int, bytes]:
+        if self._sock is None:
+            self._sock = socket.create_connection((self._target.host, self._target.port), self._timeout_s)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._rfile = self._sock.makefile("rb")
+        self._sock.sendall(self._request(body))
+        return self._answer()
+
+    def _answer(self) -> tuple[int, bytes]:
+        f = self._rfile
+        parts = f.readline(MAX_LINE).split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise http.client.BadStatusLine(repr(b" ".join(parts)[:80]))
+        status = int(parts[1])
+        length: int | None = None
+        chunked, close = False, parts[0] == b"HTTP/1.0"
+        while (line := f.readline(MAX_LINE)) not in (b"\r\n", b"\n"):
+            if not line:
+                raise http.client.IncompleteRead(b"", None)
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            data = self._chunks()
+        elif length is not None:
+            data = self._exactly(length)
+        else:  # no length: the body runs to the end of the connection
+            data, close = f.read(), True
+        if close:
+            self.close()
+        return status, data
+
+    def _exactly(self, n: int) -> bytes:
+        data: bytes = self._rfile.read(n)
+        if len(data) < n:
+            raise http.client.IncompleteRead(data, n - len(data))
+        return data
+
+    def _chunks(self) -> bytes:
+        parts = []
+        while size := int(self._rfile.readline(MAX_LINE).split(b";", 1)[0], 16):
+            parts.append(self._exactly(size))
+            self._rfile.readline(MAX_LINE)  # the CRLF after each chunk
+        while self._rfile.readline(MAX_LINE) not in (b"\r\n", b"\n", b""):  # trailers
+            pass
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._rfile.close()
+            self._sock.close()
+            self._sock = self._rfile = None
+
+
+class StdlibClient:
+    """``http.client``'s connection behind the same two calls (for HTTPS)."""
+
+    def __init__(self, target: Target, timeout_s: float) -> None:
+        self._target = target
+        self._conn = http.client.HTTPSConnection(target.host, target.port, timeout=timeout_s)
+
+    def post(self, body: Body) -> tuple[int, bytes]:
+        headers = {"Content-Type": body.content_type, **dict(self._target.headers)}
+        self._conn.request("POST", self._target.path, body=body.data, headers=headers)
+        resp = self._conn.getresponse()
+        return resp.status, resp.read()  # read to the end, or the connection cannot be reused
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def target_for(url: str, model: str, api_key: str | None = None) -> Target:
@@ -176,17 +298,13 @@ class ClientLog:
     uncounted: int = 0
 
 
-def post(conn: http.client.HTTPConnection, target: Target, body: Body) -> tuple[int, int | None]:
+def post(conn: Client, body: Body) -> tuple[int, int | None]:
     """One request on a kept-alive connection: (status, the response's batch_size or None)."""
-    conn.request(
-        "POST", target.path, body=body.data, headers={"Content-Type": body.content_type, **dict(target.headers)}
-    )
-    resp = conn.getresponse()
-    data = resp.read()  # read to the end, or the connection cannot be reused
-    if resp.status != 200:
-        return resp.status, None
+    status, data = conn.post(body)
+    if status != 200:
+        return status, None
     batch = json.loads(data).get("batch_size")
-    return resp.status, int(batch) if isinstance(batch, int) else None
+    return status, int(batch) if isinstance(batch, int) else None
 
 
 def client_loop(target: Target, bodies: Sequence[Body], first: int, t0: float, t1: float, log: ClientLog) -> None:
@@ -199,7 +317,7 @@ def client_loop(target: Target, bodies: Sequence[Body], first: int, t0: float, t
             i += 1
             start = time.perf_counter()
             try:
-                status, batch = post(conn, target, body)
+                status, batch = post(conn, body)
             except (OSError, http.client.HTTPException, ValueError):
                 status, batch = 0, None
                 conn.close()  # the next request reconnects
@@ -439,6 +557,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     duration_s = HTTP_DURATION_S if args.duration_s is None else args.duration_s
     warmup_s = HTTP_WARMUP_S if args.warmup_s is None else args.warmup_s
+    if duration_s <= 0 or warmup_s < 0:
+        print("--duration-s must be above 0 and --warmup-s at least 0", file=sys.stderr)
+        return 2
     bodies = load_bodies(args.images, args.size)
     mean_kb = sum(len(b.data) for b in bodies) / len(bodies) / 1024
     print(

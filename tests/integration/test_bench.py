@@ -207,3 +207,57 @@ def test_the_null_worker_answers_through_the_api_and_leaves_nothing_in_flight(se
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def test_the_clients_connection_reads_lengths_chunks_and_reconnects_after_close() -> None:
+    """The bench's own HTTP/1.1 client against a raw server: a Content-Length answer, a chunked
+    one, a 503 that closes the connection (the next request opens a new one), each request whole."""
+    import socket
+
+    from common.bench import KeepAlive, post
+
+    answers = [
+        b'HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{"batch_size": 3}',
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"bat\r\nc;x=1\r\nch_size": 4}\r\n0\r\n\r\n',
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        b'HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\n{"batch_size": 5}',
+    ]
+    requests: list[bytes] = []
+    connections = 0
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        nonlocal connections
+        while answers:
+            conn, _ = listener.accept()
+            connections += 1
+            with conn, conn.makefile("rb") as f:
+                while answers:
+                    head = b"".join(iter(lambda: f.readline(), b"\r\n"))
+                    if not head:
+                        break
+                    length = int(
+                        next(
+                            v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k == b"Content-Length"
+                        )
+                    )
+                    requests.append(head + b"\r\n" + f.read(length))
+                    answer = answers.pop(0)
+                    conn.sendall(answer)
+                    if b"Connection: close" in answer:
+                        break
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = KeepAlive(target_for(f"http://127.0.0.1:{port}", "m", api_key="k1"), timeout_s=5.0)
+    body = Body(b"\xff\xd8jpeg-bytes", "image/jpeg")
+    got = [post(client, body) for _ in range(4)]
+    client.close()
+    server.join(timeout=5)
+    assert got == [(200, 3), (200, 4), (503, None), (200, 5)]
+    assert connections == 2  # reopened once, after the server's Connection: close
+    for req in requests:
+        assert req.startswith(b"POST /v1/models/m/predict HTTP/1.1\r\n")
+        assert f"Host: 127.0.0.1:{port}\r\n".encode() in req and b"Authorization: Bearer k1\r\n" in req
+        assert b"Content-Type: image/jpeg\r\nContent-Length: 12\r\n" in req and req.endswith(b"\r\n\r\n" + body.data)

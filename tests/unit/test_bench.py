@@ -129,3 +129,10 @@ def test_bench_help_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--in-process" in proc.stdout and "--concurrency" in proc.stdout
+
+
+def test_a_window_of_no_time_is_refused_before_any_request(capsys: pytest.CaptureFixture[str]) -> None:
+    from common.cli import main
+
+    assert main(["bench", "--url", "http://127.0.0.1:9", "--model", "m", "--duration-s", "0"]) == 2
+    assert "--duration-s must be above 0" in capsys.readouterr().err

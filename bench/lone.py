@@ -1,0 +1,46 @@
+"""Lone requests back to back on one keep-alive connection: what one client at a time sees.
+
+    python bench/lone.py http://127.0.0.1:8000 mobilenet_v3_small 200
+
+Prints the median latency, the median of the worker's own step (``infer_ms`` in the answer:
+preprocess, forward and postprocess on its main thread), and the median of their difference: the
+path (HTTP, the API, Redis, queueing, and on a CPU with ``--preprocess worker`` the decoding). The
+images are ``redbatch bench``'s generated 640x480 JPEGs; the first 10 requests are not counted.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import statistics
+import sys
+import time
+from urllib.parse import urlsplit
+
+from common.bench import load_bodies
+
+WARMUP = 10
+
+
+def main(url: str, model: str, n: int) -> str:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=60)
+    bodies = [b.data for b in load_bodies(None, (640, 480))]
+    total_ms: list[float] = []
+    infer_ms: list[float] = []
+    for i in range(n + WARMUP):
+        t0 = time.perf_counter()
+        conn.request("POST", f"/v1/models/{model}/predict", bodies[i % len(bodies)], {"Content-Type": "image/jpeg"})
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        if resp.status != 200:
+            raise SystemExit(f"HTTP {resp.status}: {answer}")
+        if i >= WARMUP:
+            total_ms.append((time.perf_counter() - t0) * 1000.0)
+            infer_ms.append(float(answer.get("infer_ms") or 0.0))
+    outside = statistics.median(t - f for t, f in zip(total_ms, infer_ms))
+    return f"p50 {statistics.median(total_ms):.2f} ms, step {statistics.median(infer_ms):.2f}, outside {outside:.2f}"
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 200))
