@@ -82,8 +82,7 @@ def test_kill_9_mid_batch_then_restart_loses_nothing(
     try:
         load = Load(svc.predict_url(), images, requests_per_client=8)
         finish = load.run_in_background()
-        time.sleep(1.0)
-        held = _wait_inflight(r, svc.prefix)
+        held = _wait_inflight(r, svc.prefix)  # at once: 256 requests take about a second now
         svc.worker.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         svc.worker.wait()
@@ -108,7 +107,6 @@ def test_a_peer_takes_over_a_killed_workers_inflight_frames(
     try:
         load = Load(svc.predict_url(), images, requests_per_client=8)
         finish = load.run_in_background()
-        time.sleep(1.0)
         victim = svc.workers[0]
         victim_key = next(
             k for k in r.scan_iter(match=f"{svc.prefix}:worker:*") if r.hget(k, "pid") == str(victim.pid).encode()
@@ -135,7 +133,6 @@ def test_sigterm_under_load_loses_nothing(
     try:
         load = Load(svc.predict_url(), images, requests_per_client=8)
         finish = load.run_in_background()
-        time.sleep(1.0)
         _wait_inflight(r, svc.prefix)
         svc.workers[0].send_signal(signal.SIGTERM)
         assert svc.workers[0].wait(30) == 0
