@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -84,9 +85,14 @@ def _warm_up(handler: Handler, sizes: list[int]) -> None:
 
 
 def _blank_pass(handler: Handler, n: int) -> None:
-    """What a batch of ``n`` costs the worker: preprocess, forward and postprocess, on blank crops."""
+    """What a batch of ``n`` costs the worker's main thread: preprocess, forward and postprocess, on
+    blank images prepared as its collector thread prepares them (normalised already, on a CPU)."""
+    inputs: list[Any] = blank_inputs(handler, n)
+    prepare = getattr(handler, "prepare", None)  # optional in the Handler protocol
+    if prepare is not None:
+        inputs = prepare(inputs)
     with torch.inference_mode():
-        handler.postprocess(handler.forward(handler.preprocess(blank_inputs(handler, n))), [{"topk": 1}] * n)
+        handler.postprocess(handler.forward(handler.preprocess(inputs)), [{"topk": 1}] * n)
 
 
 def blank_inputs(handler: Handler, n: int) -> list[TensorData]:
