@@ -42,18 +42,9 @@ run_tree() {  # tree round
     --warmup-s 2 --json "$OUT/$name.json" >"$OUT/$name.txt" 2>&1 &
   local bpid=$!
   sleep 3
-  local groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpid" "redis=$RPID" "bench=$bpid")
-  $PY bench/proc_cpu.py snap "$OUT/$name-cpu0.json" "${groups[@]}"
-  local t0 t1
-  t0=$(date +%s.%N)
-  sleep $((SECONDS_PER_RUN - 2))
-  $PY bench/proc_cpu.py snap "$OUT/$name-cpu1.json" "${groups[@]}"
-  t1=$(date +%s.%N)
-  wait "$bpid"
-  local rps reqs
-  rps=$($PY -c "import json; print(round(json.load(open('$OUT/$name.json'))['levels'][0]['ok_per_s'], 1))")
-  reqs=$($PY -c "print(int($rps * ($t1 - $t0)))")
-  echo "$name | $rps req/s | $($PY bench/proc_cpu.py diff "$OUT/$name-cpu0.json" "$OUT/$name-cpu1.json" "$reqs") | lone $lone"
+  cpu_window "$name" $((SECONDS_PER_RUN - 2)) "$bpid" "$OUT/$name.json" \
+    "api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpid" "redis=$RPID" "bench=$bpid"
+  echo "$name | $RPS req/s | $CPU_SPLIT | lone $lone"
   kill "$apid" "$wpid" "$RPID"
   wait "$apid" "$wpid" "$RPID" 2>/dev/null
 }

@@ -28,17 +28,10 @@ for r in $(seq 1 "$ROUNDS"); do
       --warmup-s 3 --json "$OUT/$name-c64.json" >"$OUT/$name-c64.txt" 2>&1 &
     bpid=$!
     sleep 4
-    groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$WPID" "redis=$RPID" "bench=$bpid")
-    $PY bench/proc_cpu.py snap "$OUT/$name-cpu0.json" "${groups[@]}"
-    t0=$(date +%s.%N)
-    sleep $((SECONDS_PER_LEVEL - 2))
-    $PY bench/proc_cpu.py snap "$OUT/$name-cpu1.json" "${groups[@]}"
-    t1=$(date +%s.%N)
-    wait "$bpid"
+    cpu_window "$name" $((SECONDS_PER_LEVEL - 2)) "$bpid" "$OUT/$name-c64.json" \
+      "api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$WPID" "redis=$RPID" "bench=$bpid"
     p50=$($PY -c "import json; print(round(json.load(open('$OUT/$name-c1.json'))['levels'][0]['p50_ms'], 2))")
-    rps=$($PY -c "import json; print(round(json.load(open('$OUT/$name-c64.json'))['levels'][0]['ok_per_s'], 1))")
-    reqs=$($PY -c "print(int($rps * ($t1 - $t0)))")
-    echo "$r $cls | $p50 | $rps | $($PY bench/proc_cpu.py diff "$OUT/$name-cpu0.json" "$OUT/$name-cpu1.json" "$reqs")"
+    echo "$r $cls | $p50 | $RPS | $CPU_SPLIT"
     kill "$apid"
     wait "$apid" 2>/dev/null
   done

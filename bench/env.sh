@@ -1,7 +1,7 @@
 # What bench/cpu_check.sh and bench/api_check.sh share, sourced after they set OUT: strict mode,
 # the output folder, the venv's Python and the redbatch CLI, free-ish ports, a private redis-server
-# (PID in RPID, URL exported), waiting for the API to be ready, and a trap that stops every process
-# whose PID is in the pids array.
+# (PID in RPID, URL exported), waiting for the API to be ready, the CPU each process group used per
+# request over a load's window, and a trap that stops every process whose PID is in the pids array.
 set -uo pipefail
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -25,4 +25,20 @@ start_redis() {
   RPID=$!
   pids+=("$RPID")
   export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_MAX_QUEUE_LENGTH=4096
+}
+
+cpu_window() {  # name seconds bench-pid bench-json group...: snapshots the groups' CPU over the next
+  # `seconds` (bench/proc_cpu.py), waits for the bench, and sets RPS (its req/s) and CPU_SPLIT (CPU ms
+  # per request by group, over the requests of that window)
+  local name=$1 seconds=$2 bpid=$3 json=$4 t0 t1
+  shift 4
+  $PY bench/proc_cpu.py snap "$OUT/$name-cpu0.json" "$@"
+  t0=$(date +%s.%N)
+  sleep "$seconds"
+  $PY bench/proc_cpu.py snap "$OUT/$name-cpu1.json" "$@"
+  t1=$(date +%s.%N)
+  wait "$bpid"
+  RPS=$($PY -c "import json; print(round(json.load(open('$json'))['levels'][0]['ok_per_s'], 1))")
+  CPU_SPLIT=$($PY bench/proc_cpu.py diff "$OUT/$name-cpu0.json" "$OUT/$name-cpu1.json" \
+    "$($PY -c "print(int($RPS * ($t1 - $t0)))")")
 }

@@ -141,6 +141,7 @@ class Taker:
         self._r = r
         self._wake = keys.wake(model)
         self._queues = queue_keys(keys, model)
+        self._plan_keys = [*self._queues, self._wake]
         self._inflight = inflight
 
     def take(self, n: int, block_s: float) -> list[bytes]:
@@ -156,7 +157,7 @@ class Taker:
         """
         pipe = self._r.pipeline(transaction=False)
         pipe.blpop([self._wake], timeout=max(block_s, MIN_BLOCK_S))
-        keys = [*self._queues, self._wake]
+        keys = self._plan_keys
         pipe.execute_command("EVAL", _PLAN, len(keys), *keys, n, LOW_SHARE, random.random())  # type: ignore[no-untyped-call]
         plan = cast(list[int], pipe.execute()[1])
         if not any(plan):

@@ -37,7 +37,7 @@ from common.config import Settings
 from common.protocol import TensorData
 from worker.graphs import use_cuda_graphs
 from worker.handler import TorchvisionClassifier, allow_compiled_shapes
-from worker.main import blank_inputs, check_cuda_graphs, resolve_device
+from worker.main import blank_batch, check_cuda_graphs, resolve_device
 
 INPROCESS_DURATION_S, INPROCESS_WARMUP_S = 1.0, 0.5
 MIN_PREP_IMAGES = 32
@@ -210,7 +210,7 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
         allow_compiled_shapes(len(cfg.batch_sizes))
     handler.setup(device)
     if cfg.cuda_graphs:  # a graph for every batch size timed, as the worker has one per bucket
-        use_cuda_graphs(handler, cfg.batch_sizes, lambda n: handler.preprocess(blank_inputs(handler, n)))
+        use_cuda_graphs(handler, cfg.batch_sizes, lambda n: blank_batch(handler, n))
     bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
     n_prep = max(MIN_PREP_IMAGES, N_IMAGES, *cfg.batch_sizes)
     before = torch.get_num_threads()

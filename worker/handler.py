@@ -106,6 +106,13 @@ class Handler(Protocol):
     def check_input(self, t: TensorData) -> str | None: ...
 
 
+def prepare_inputs(handler: Handler, inputs: Sequence[Any]) -> list[Any]:
+    """``inputs`` as the worker's collector thread hands them to ``preprocess``: through the
+    handler's optional ``prepare``, or as they came."""
+    prepare = getattr(handler, "prepare", None)  # optional in the Handler protocol
+    return list(prepare(inputs)) if prepare is not None else list(inputs)
+
+
 class ImageHandler:
     """What every image model shares: a model-sized uint8 input (or JPEG bytes it decodes), scaled
     and normalised on the device, and a model run in ``dtype`` and memory format. Subclasses provide

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 
@@ -13,7 +12,7 @@ from common.protocol import TensorData
 from common.redisconn import connect
 from worker.batching import bucket_sizes
 from worker.graphs import use_cuda_graphs
-from worker.handler import Handler, allow_compiled_shapes
+from worker.handler import Handler, allow_compiled_shapes, prepare_inputs
 from worker.metrics import serve as serve_metrics
 from worker.registry import load_handler
 from worker.runner import BLOCK_S, Worker, batch_buckets
@@ -53,7 +52,7 @@ def run(settings: Settings) -> int:
     handler.setup(device)
     _warm_up(handler, buckets)
     if settings.cuda_graphs:
-        use_cuda_graphs(handler, buckets, lambda n: handler.preprocess(blank_inputs(handler, n)))
+        use_cuda_graphs(handler, buckets, lambda n: blank_batch(handler, n))
         _warm_up(handler, buckets)  # every graph replayed once, before the worker is ready
     plan = _thread_plan(settings, handler, device)
     source = getattr(handler, "weights_source", "") or "its own"
@@ -85,20 +84,16 @@ def _warm_up(handler: Handler, sizes: list[int]) -> None:
 
 
 def _blank_pass(handler: Handler, n: int) -> None:
-    """What a batch of ``n`` costs the worker's main thread: preprocess, forward and postprocess, on
-    blank images prepared as its collector thread prepares them (normalised already, on a CPU)."""
-    inputs: list[Any] = blank_inputs(handler, n)
-    prepare = getattr(handler, "prepare", None)  # optional in the Handler protocol
-    if prepare is not None:
-        inputs = prepare(inputs)
+    """What a batch of ``n`` costs the worker's main thread: preprocess, forward and postprocess."""
     with torch.inference_mode():
-        handler.postprocess(handler.forward(handler.preprocess(inputs)), [{"topk": 1}] * n)
+        handler.postprocess(handler.forward(blank_batch(handler, n)), [{"topk": 1}] * n)
 
 
-def blank_inputs(handler: Handler, n: int) -> list[TensorData]:
-    """``n`` black model-sized uint8 images, as the API would send them."""
+def blank_batch(handler: Handler, n: int) -> torch.Tensor:
+    """The model's input for ``n`` black model-sized images, made as serving makes it: prepared as
+    the collector thread prepares them (normalised already, on a CPU), then ``preprocess``."""
     blank = TensorData("uint8", handler.spec.shape, bytes(handler.spec.crop_size**2 * 3))
-    return [blank] * n
+    return handler.preprocess(prepare_inputs(handler, [blank] * n))
 
 
 def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> ThreadPlan | None:

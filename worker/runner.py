@@ -37,7 +37,7 @@ from common.errors import (
 from common.protocol import Reply, Request, decode_request, now_ms
 from worker.batching import LocalBuffer, bucket_for, bucket_sizes, collect_batch, effective_window
 from worker.broker import Outgoing, WorkerBroker
-from worker.handler import MAX_TOPK, Handler
+from worker.handler import MAX_TOPK, Handler, prepare_inputs
 from worker.metrics import WorkerMetrics
 from worker.threads import ThreadPlan
 
@@ -252,8 +252,7 @@ class Worker:
         return Outgoing(raw, Reply.failure(req.id, err))
 
     def _prepare(self, x: Any) -> Any:
-        prepare = getattr(self.handler, "prepare", None)  # optional in the Handler protocol
-        return prepare([x])[0] if prepare is not None else x
+        return prepare_inputs(self.handler, [x])[0]
 
     def _run(self, items: list[_Item], counts: Counter[str]) -> list[Outgoing]:
         """One forward pass; if it raises, split the batch in halves so only the culprit fails."""
