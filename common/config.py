@@ -50,6 +50,10 @@ _HELP = {
     "torch_threads": "torch intra-op threads (0: torch's default)",
     "adaptive_threads": "on a CPU, time every batch size on one torch thread and on all of them at start-up and "
     "run each size the faster way (small batches lose more to waking threads than they gain)",
+    "lanes": "forward passes that may run at once on a CPU, each on one torch thread while another runs; "
+    "a second starts only with a full batch, a pass with the others idle runs on the thread plan's count "
+    "(0: auto: one per torch thread where the plan runs a batch of one on several threads, a heavy model; "
+    "else 1, and 1 on CUDA or with --compile)",
     "channels_last": "run the model in channels_last memory format",
     "fuse": "fold each BatchNorm into the convolution before it (inference only; same answers, fewer passes)",
     "compile": "torch.compile the model (inductor); every batch size the worker runs is compiled before it is ready",
@@ -69,8 +73,8 @@ API_FLAGS = (
 WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
     "window_ms", "preprocess", "batch_buckets", "heartbeat_s", "worker_ttl_s", "reply_ttl_s",
-    "request_timeout_s", "torch_threads", "adaptive_threads", "channels_last", "fuse", "compile", "cuda_graphs",
-    "metrics_port", "log_level",
+    "request_timeout_s", "torch_threads", "adaptive_threads", "lanes", "channels_last", "fuse", "compile",
+    "cuda_graphs", "metrics_port", "log_level",
 )  # fmt: skip
 
 
@@ -105,6 +109,7 @@ class Settings:
     worker_ttl_s: float = 10.0
     torch_threads: int = 0
     adaptive_threads: bool = True
+    lanes: int = 0
     channels_last: bool = True
     fuse: bool = True
     compile: bool = False

@@ -124,6 +124,21 @@ class LocalBuffer(Generic[T]):
             self._cond.wait_for(lambda: len(self._items) < self._capacity or self._closed, timeout_s)
             return max(self._capacity - len(self._items), 0)
 
+    def wait_for(self, count: int, give_up: Callable[[], bool], timeout_s: float) -> bool:
+        """Block until ``count`` items are buffered (True), or until ``give_up()`` holds, the
+        buffer closes or ``timeout_s`` passes (False). ``give_up`` is checked on every put, take
+        and ``notify``."""
+        with self._cond:
+            return (
+                self._cond.wait_for(lambda: len(self._items) >= count or self._closed or give_up(), timeout_s)
+                and len(self._items) >= count
+            )
+
+    def notify(self) -> None:
+        """Wake the waiters of ``wait_for``, so they check their ``give_up`` again."""
+        with self._cond:
+            self._cond.notify_all()
+
     def take(self, max_items: int, timeout_s: float) -> list[Arrival[T]]:
         with self._cond:
             if not self._items and timeout_s > 0 and not self._closed:

@@ -3,6 +3,14 @@ forms batches from it, runs one forward pass per batch and replies.
 
 Collecting batch k+1 thus overlaps the forward pass of batch k, and a batch window measured from
 the first item's arrival means items that queued while the model was busy go without waiting.
+
+On a CPU the worker may run several *lanes*: threads that take turns forming batches and run
+them, so that two forward passes can run at once, each on one torch thread. Under load that keeps
+every core in the model's work with no thread of one pass waiting at another's barriers (the
+machine limit's "one thread per core"). A pass that finds no other lane in its forward pass runs
+on the thread plan's count, so a lone request still gets every core. While another lane is in a
+pass, a lane starts one only with a full batch: splitting the arrivals between lanes would halve
+the batches of a light model, whose other core is busy decoding anyway.
 """
 
 from __future__ import annotations
@@ -63,16 +71,21 @@ class Worker:
         device: torch.device,
         r: redis.Redis,
         thread_plan: ThreadPlan | None = None,
+        lanes: int = 1,
     ) -> None:
         self.settings = settings
         self.thread_plan = thread_plan
         self._threads = torch.get_num_threads()  # the main thread's: other threads see their own
+        self.lanes = max(lanes, 1)
+        self._busy_lanes = 0  # lanes in a forward pass
+        self._lanes_lock = threading.Lock()
+        self._forming = threading.Lock()  # one lane forms a batch at a time
         self.handler = handler
         self.device = device
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.broker = WorkerBroker(r, settings, self.id)
-        # Up to two batches ahead of the forward pass: the next one fills while this one runs.
-        self.buffer: LocalBuffer[_Item] = LocalBuffer(2 * settings.max_batch_size)
+        # Up to one batch ahead of the forward passes: the next one fills while the lanes run.
+        self.buffer: LocalBuffer[_Item] = LocalBuffer((self.lanes + 1) * settings.max_batch_size)
         self._outbox: queue.Queue[tuple[list[Outgoing], Counter[str]] | None] = queue.Queue(maxsize=4)
         self.batch_cap = settings.max_batch_size  # lowered after an out-of-memory error
         self.buckets = batch_buckets(settings, device)
@@ -98,24 +111,26 @@ class Worker:
         for t in threads:
             t.start()
         logger.info(
-            "worker %s serving %s on %s (max batch %d, window %.1f ms)",
+            "worker %s serving %s on %s (max batch %d, window %.1f ms, %d lane%s)",
             self.id,
             self.settings.served_name,
             self.device,
             self.settings.max_batch_size,
             self.settings.window_ms,
+            self.lanes,
+            "s" if self.lanes > 1 else "",
         )
-        window_s = self.settings.window_ms / 1000.0
-        while not self.stop.is_set():
-            window = effective_window(window_s, self.buffer.mean_gap_s)
-            items = collect_batch(self.buffer, self.batch_cap, window, time.monotonic, IDLE_S)
-            if items:
-                self.process(items)
+        lanes = [threading.Thread(target=self._lane_loop, name=f"lane-{i}", daemon=True) for i in range(1, self.lanes)]
+        for t in lanes:
+            t.start()
+        self._lane_loop()  # this thread is lane 0 (and receives the signals)
+        for t in lanes:
+            t.join()  # each finishes the batch it holds
         self.metrics.up.set(0)
         threads[0].join()  # the collector takes nothing more once stop is set
         self.buffer.close()
         while leftover := [a.item for a in self.buffer.take(self.batch_cap, 0)]:
-            self.process(leftover)
+            self.process(leftover, alone=True)
         self._outbox.put(None)
         threads[2].join()  # every reply is out before we unregister
         self._retry_redis(self.broker.unregister, attempts=3)
@@ -134,6 +149,33 @@ class Worker:
         signal.signal(signal.SIGINT, on_signal)
 
     # ---- threads ---------------------------------------------------------------------------
+
+    def _lane_loop(self) -> None:
+        while not self.stop.is_set():
+            with self._forming:
+                items = self._next_batch()
+                if not items:
+                    continue
+                with self._lanes_lock:
+                    alone = self._busy_lanes == 0
+                    self._busy_lanes += 1
+            try:
+                self.process(items, alone)
+            finally:
+                with self._lanes_lock:
+                    self._busy_lanes -= 1
+                self.buffer.notify()  # a lane waiting for a full batch may go on as usual now
+
+    def _next_batch(self) -> list[_Item]:
+        """The batching policy (``worker/batching.py``) while no other lane is in a pass; while one
+        is, a full batch or nothing (``[]`` after ``IDLE_S``, or at once when that lane finishes)."""
+        if self._busy_lanes:
+            if not self.buffer.wait_for(self.batch_cap, lambda: not self._busy_lanes, IDLE_S):
+                return []
+            if self._busy_lanes:
+                return [a.item for a in self.buffer.take(self.batch_cap, 0)]
+        window = effective_window(self.settings.window_ms / 1000.0, self.buffer.mean_gap_s)
+        return collect_batch(self.buffer, self.batch_cap, window, time.monotonic, IDLE_S)
 
     def _collect_loop(self) -> None:
         if self.device.type == "cpu":
@@ -191,6 +233,7 @@ class Worker:
             "cuda_graphs": int(self.settings.cuda_graphs),
             "window_ms": str(self.settings.window_ms),
             "threads": self.thread_plan.describe() if self.thread_plan else str(self._threads),
+            "lanes": self.lanes,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started_ms": self.started_ms,
@@ -200,8 +243,9 @@ class Worker:
 
     # ---- one batch -------------------------------------------------------------------------
 
-    def process(self, items: list[_Item]) -> None:
-        """Drop what expired while buffered, run the rest as one forward pass, reply to every item."""
+    def process(self, items: list[_Item], alone: bool = True) -> None:
+        """Drop what expired while buffered, run the rest as one forward pass, reply to every item.
+        ``alone``: no other lane was in a forward pass when this batch was formed."""
         counts: Counter[str] = Counter()
         out: list[Outgoing] = []
         live: list[_Item] = []
@@ -215,9 +259,11 @@ class Worker:
             else:
                 live.append(it)
         if live:
+            self._use_threads(len(live), alone)
             out.extend(self._run(live, counts))
             counts["batches"] += 1
-            self.batches += 1
+            with self._lanes_lock:
+                self.batches += 1
         self._send(out, counts, direct_if_idle=True)
 
     def _admit(self, raw: bytes, counts: Counter[str]) -> _Item | Outgoing:
@@ -254,10 +300,23 @@ class Worker:
     def _prepare(self, x: Any) -> Any:
         return prepare_inputs(self.handler, [x])[0]
 
+    def _use_threads(self, size: int, alone: bool) -> None:
+        """Set this lane's torch threads for a pass over ``size`` items (the count is per thread):
+        one while another lane is in a pass (it holds the other core), else the thread plan's
+        count (all threads without a plan, when there are several lanes)."""
+        if self.lanes > 1 and not alone:
+            n = 1
+        elif self.thread_plan is not None:
+            n = self.thread_plan.for_batch(size)
+        elif self.lanes > 1:
+            n = self._threads
+        else:
+            return
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
     def _run(self, items: list[_Item], counts: Counter[str]) -> list[Outgoing]:
         """One forward pass; if it raises, split the batch in halves so only the culprit fails."""
-        if self.thread_plan is not None and (n := self.thread_plan.for_batch(len(items))) != torch.get_num_threads():
-            torch.set_num_threads(n)
         start_ms = now_ms()
         t0 = time.perf_counter()
         try:

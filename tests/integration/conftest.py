@@ -75,12 +75,16 @@ class OomHandler(TinyHandler):
 
 class RunningWorker:
     def __init__(
-        self, settings: Settings, handler: TinyHandler | None = None, thread_plan: ThreadPlan | None = None
+        self,
+        settings: Settings,
+        handler: TinyHandler | None = None,
+        thread_plan: ThreadPlan | None = None,
+        lanes: int = 1,
     ) -> None:
         self.handler = handler or TinyHandler()
         self.handler.setup(torch.device("cpu"))
         r = connect(settings, BLOCK_S)
-        self.worker = Worker(settings, self.handler, torch.device("cpu"), r, thread_plan)
+        self.worker = Worker(settings, self.handler, torch.device("cpu"), r, thread_plan, lanes)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         wait_registered(redis.Redis.from_url(settings.redis_url), settings)
@@ -96,10 +100,10 @@ def start_worker(settings: Settings) -> Iterator[Callable[..., RunningWorker]]:
     started: list[RunningWorker] = []
 
     def start(
-        handler: TinyHandler | None = None, thread_plan: ThreadPlan | None = None, **overrides: Any
+        handler: TinyHandler | None = None, thread_plan: ThreadPlan | None = None, lanes: int = 1, **overrides: Any
     ) -> RunningWorker:
         s = settings.replace(**{"model": "tiny", "request_timeout_s": 5.0, **overrides})
-        w = RunningWorker(s, handler, thread_plan)
+        w = RunningWorker(s, handler, thread_plan, lanes)
         started.append(w)
         return w
 

@@ -219,6 +219,50 @@ def test_a_cpu_worker_runs_each_batch_size_on_its_planned_thread_count(
     assert max(w.handler.batch_sizes) > 1
 
 
+class SlowHandler(TinyHandler):
+    """Every forward pass sleeps 0.3 s (releasing the GIL, as torch's kernels do) and records when
+    it ran and on how many torch threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes: list[tuple[float, float, int, int]] = []  # start, end, threads, batch size
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        t0, threads = time.monotonic(), torch.get_num_threads()
+        time.sleep(0.3)
+        out = super().forward(batch)
+        self.passes.append((t0, time.monotonic(), threads, batch.shape[0]))
+        return out
+
+
+def test_a_second_lane_runs_a_full_batch_beside_the_first_on_one_thread_and_a_lone_one_gets_all(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads")
+    many = torch.get_num_threads()
+    h = SlowHandler()
+    w = start_worker(handler=h, lanes=2, max_batch_size=4, window_ms=0)
+    assert r.hget(tiny.keys.worker(w.worker.id), "lanes") == b"2"
+    assert _client(tiny).post("/v1/models/tiny/predict", data=_solid(60), headers=JPEG).status_code == 200
+    assert [n for _, _, n, _ in h.passes] == [many]  # alone: every thread
+    app = create_app(tiny)
+
+    def one(v: int) -> tuple[int, int]:
+        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
+        return v, resp.get_json()["predictions"][0]["index"]
+
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(one, [i * 15 for i in range(16)]))
+    assert all(idx == expected_top1(v) for v, idx in results)
+    assert sum(h.batch_sizes) == 17 and max(h.batch_sizes) <= 4
+    # A pass that started while another ran had a full batch and one thread (the other lane held
+    # the other core).
+    during = [p for p in h.passes if any(a < p[0] < b for a, b, _, _ in h.passes if (a, b) != p[:2])]
+    assert during, f"no two passes overlapped: {h.passes}"
+    assert all(n == 1 and size == 4 for _, _, n, size in during), h.passes
+
+
 def test_a_poisoned_item_fails_alone_and_the_batch_succeeds(
     tiny: Settings, start_worker: Callable[..., RunningWorker]
 ) -> None:

@@ -121,6 +121,25 @@ def test_local_buffer_is_fifo_and_reports_room() -> None:
     assert buf.take(5, 0) == []
 
 
+def test_waiting_for_a_full_batch_ends_when_it_is_there_or_when_told_to_give_up() -> None:
+    import threading
+
+    buf: LocalBuffer[int] = LocalBuffer(capacity=10)
+    buf.put([1, 2])
+    assert not buf.wait_for(3, lambda: False, 0)  # two of three: no
+    assert not buf.wait_for(3, lambda: True, 60)  # gives up at once, without waiting a minute
+    filler = threading.Timer(0.05, buf.put, args=([3],))
+    filler.start()
+    assert buf.wait_for(3, lambda: False, 60)  # woken by the put
+    done = threading.Event()
+    waiter = threading.Thread(target=buf.wait_for, args=(9, done.is_set, 60))
+    waiter.start()
+    done.set()  # what a lane sees when the other lane finishes its pass
+    buf.notify()
+    waiter.join(5)
+    assert not waiter.is_alive()
+
+
 def test_collect_batch_over_a_local_buffer() -> None:
     clock = FakeClock()
     buf: LocalBuffer[int] = LocalBuffer(capacity=10, clock=clock)

@@ -80,3 +80,23 @@ def test_torch_thread_count_set_in_one_thread_leaves_the_calling_thread_alone() 
     t.join()
     assert seen == [1]
     assert torch.get_num_threads() == before  # the worker's main thread keeps its own count
+
+
+def test_lanes_default_to_one_per_torch_thread_for_a_heavy_model_on_a_cpu_and_to_one_elsewhere() -> None:
+    torch = pytest.importorskip("torch")
+    from common.config import Settings
+    from worker.main import lane_count
+
+    cpu, cuda, threads = torch.device("cpu"), torch.device("cuda"), torch.get_num_threads()
+    heavy = ThreadPlan({1: threads, 8: threads})  # even one image gains from more threads
+    light = ThreadPlan({1: 1, 8: 1, 32: threads})  # small passes are faster on one thread
+    assert lane_count(Settings(), cpu, heavy) == threads
+    assert lane_count(Settings(), cpu, light) == 1
+    assert lane_count(Settings(), cpu, None) == 1  # no plan (--no-adaptive-threads, one thread)
+    assert lane_count(Settings(lanes=3), cpu, light) == 3
+    assert lane_count(Settings(lanes=1), cpu, heavy) == 1
+    assert lane_count(Settings(compile=True), cpu, heavy) == 1  # compiled graphs are not shared between threads
+    assert lane_count(Settings(), cuda, None) == 1
+    for bad, dev in ((Settings(lanes=2, compile=True), cpu), (Settings(lanes=2), cuda), (Settings(lanes=-1), cpu)):
+        with pytest.raises(SystemExit, match="--lanes"):
+            lane_count(bad, dev, heavy)
