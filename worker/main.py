@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import torch
+import torchvision
+from torchvision.transforms.v2 import functional as F2
 
 from common.config import Settings
 from common.protocol import TensorData
@@ -54,10 +57,13 @@ def run(settings: Settings) -> int:
     if settings.cuda_graphs:
         use_cuda_graphs(handler, buckets, lambda n: blank_batch(handler, n))
         _warm_up(handler, buckets)  # every graph replayed once, before the worker is ready
-    plan = _thread_plan(settings, handler, device)
+    plan, image_s = _thread_plan(settings, handler, device)
     source = getattr(handler, "weights_source", "") or "its own"
     logger.info("loaded %s (%s weights) on %s as %r", settings.model, source, device, settings.served_name)
-    lanes = lane_count(settings, device, plan)
+    ratio = image_s / _jpeg_prep_s(handler) if plan is not None else 0.0
+    lanes = lane_count(settings, device, plan, ratio)
+    if plan is not None:
+        logger.info("%d lane(s): the forward pass costs %.1fx a JPEG's preprocessing per image", lanes, ratio)
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S), plan, lanes)
     if settings.metrics_port:
         serve_metrics(settings, worker.id)
@@ -65,16 +71,21 @@ def run(settings: Settings) -> int:
     return worker.run()
 
 
-def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None) -> int:
+# The forward pass must cost at least this many times an image's preprocessing per image (one
+# thread each) for a second lane to pay: preprocessing then needs under a fifth of the CPU.
+LANE_FORWARD_RATIO = 4.0
+
+
+def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None, forward_ratio: float) -> int:
     """How many forward passes may run at once (``--lanes``; ``worker/runner.py`` says how).
 
-    ``auto`` (0): on a CPU, one lane per torch thread when the thread plan runs even a batch of one
-    on several threads: a model that heavy keeps every core in its forward pass, and passes side by
-    side on one thread each lose nothing at barriers (resnet18 here: +6 % served at 64 clients).
-    Where a small pass is faster on one thread (mobilenet_v3_small here), the other core is busy
-    decoding, and a second lane only took CPU from it (-3 %): one lane. One lane on CUDA (one
-    stream orders the work anyway) and with ``--compile`` (compiled graphs are not run from
-    several threads)."""
+    ``auto`` (0): on a CPU with a thread plan, one lane per torch thread when ``forward_ratio`` (the
+    forward pass's time per image over a JPEG's preprocessing, one thread each) is at least
+    ``LANE_FORWARD_RATIO``: the model's passes then fill every core, and passes side by side on one
+    thread each lose nothing at barriers (resnet18 here, ratio ~20: +6 % served at 64 clients). A
+    light model's preprocessing keeps a core busy (mobilenet_v3_small, ratio ~1.5): a second lane
+    only took CPU from it (-3 %), so one. One lane on CUDA (one stream orders the work anyway) and
+    with ``--compile`` (compiled graphs are not run from several threads)."""
     if settings.lanes < 0:
         raise SystemExit("--lanes must be 0 (auto) or more")
     if device.type != "cpu" or settings.compile:
@@ -83,7 +94,7 @@ def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None
         return 1
     if settings.lanes:
         return settings.lanes
-    return torch.get_num_threads() if plan is not None and plan.for_batch(1) > 1 else 1
+    return torch.get_num_threads() if plan is not None and forward_ratio >= LANE_FORWARD_RATIO else 1
 
 
 def check_cuda_graphs(device: torch.device, compile_: bool, batch_buckets: str = "auto") -> None:
@@ -118,12 +129,13 @@ def blank_batch(handler: Handler, n: int) -> torch.Tensor:
     return handler.preprocess(prepare_inputs(handler, [blank] * n))
 
 
-def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> ThreadPlan | None:
+def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> tuple[ThreadPlan | None, float]:
     """On a CPU with several torch threads, time each batch size on one thread and on all of them,
-    and keep the faster per size (``worker/threads.py``); None where that does not apply."""
+    and keep the faster per size (``worker/threads.py``); None where that does not apply. Also the
+    time per image of the largest batch on one thread (0.0 without a plan)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or not settings.adaptive_threads or threads < 2:
-        return None
+        return None, 0.0
     t0 = time.perf_counter()
     sizes = bucket_sizes(settings.max_batch_size)
     samples = calibrate(lambda n: _blank_pass(handler, n), torch.set_num_threads, sizes, (1, threads))
@@ -135,4 +147,25 @@ def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> 
         {s: {n: round(1000 * min(v), 1) for n, v in by.items()} for s, by in samples.items()},
         time.perf_counter() - t0,
     )
-    return plan
+    return plan, statistics.median(samples[sizes[-1]][1]) / sizes[-1]
+
+
+def _jpeg_prep_s(handler: Handler) -> float:
+    """One thread's time to decode a 640x480 JPEG and resize and crop it to the model's input, as
+    the collector (or the API) does for every request: the yardstick of ``lane_count``."""
+    y, x = torch.meshgrid(torch.arange(480), torch.arange(640), indexing="ij")
+    image = torch.stack([x * 255 // 639, y * 255 // 479, (x * 7 + y * 3) % 256]).to(torch.uint8)
+    jpeg = torchvision.io.encode_jpeg(image, quality=90)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        decoded = torchvision.io.decode_jpeg(jpeg)
+        resized = F2.resize(decoded, [handler.spec.resize_size], antialias=True)
+        F2.center_crop(resized, [handler.spec.crop_size])
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    elapsed = min(times[1:])  # the first pass allocates
+    logger.info("a 640x480 JPEG's preprocessing takes %.2f ms on one thread here", 1000 * elapsed)
+    return max(elapsed, 1e-6)

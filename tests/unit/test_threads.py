@@ -85,18 +85,19 @@ def test_torch_thread_count_set_in_one_thread_leaves_the_calling_thread_alone() 
 def test_lanes_default_to_one_per_torch_thread_for_a_heavy_model_on_a_cpu_and_to_one_elsewhere() -> None:
     torch = pytest.importorskip("torch")
     from common.config import Settings
-    from worker.main import lane_count
+    from worker.main import LANE_FORWARD_RATIO, lane_count
 
     cpu, cuda, threads = torch.device("cpu"), torch.device("cuda"), torch.get_num_threads()
-    heavy = ThreadPlan({1: threads, 8: threads})  # even one image gains from more threads
-    light = ThreadPlan({1: 1, 8: 1, 32: threads})  # small passes are faster on one thread
-    assert lane_count(Settings(), cpu, heavy) == threads
-    assert lane_count(Settings(), cpu, light) == 1
-    assert lane_count(Settings(), cpu, None) == 1  # no plan (--no-adaptive-threads, one thread)
-    assert lane_count(Settings(lanes=3), cpu, light) == 3
-    assert lane_count(Settings(lanes=1), cpu, heavy) == 1
-    assert lane_count(Settings(compile=True), cpu, heavy) == 1  # compiled graphs are not shared between threads
-    assert lane_count(Settings(), cuda, None) == 1
+    plan = ThreadPlan({1: 1, 8: threads})
+    heavy, light = 20.0, 1.5  # forward per image over a JPEG's preprocessing: resnet18, mobilenet_v3_small
+    assert lane_count(Settings(), cpu, plan, heavy) == threads
+    assert lane_count(Settings(), cpu, plan, LANE_FORWARD_RATIO) == threads
+    assert lane_count(Settings(), cpu, plan, light) == 1
+    assert lane_count(Settings(), cpu, None, heavy) == 1  # no plan: --no-adaptive-threads, or one thread
+    assert lane_count(Settings(lanes=3), cpu, plan, light) == 3
+    assert lane_count(Settings(lanes=1), cpu, plan, heavy) == 1
+    assert lane_count(Settings(compile=True), cpu, plan, heavy) == 1  # compiled graphs stay on one thread
+    assert lane_count(Settings(), cuda, None, heavy) == 1
     for bad, dev in ((Settings(lanes=2, compile=True), cpu), (Settings(lanes=2), cuda), (Settings(lanes=-1), cpu)):
         with pytest.raises(SystemExit, match="--lanes"):
-            lane_count(bad, dev, heavy)
+            lane_count(bad, dev, plan, heavy)
