@@ -72,8 +72,9 @@ def run(settings: Settings) -> int:
 
 
 # The forward pass must cost at least this many times an image's preprocessing per image (one
-# thread each) for a second lane to pay: preprocessing then needs under a fifth of the CPU.
-LANE_FORWARD_RATIO = 4.0
+# thread each) for a second lane to pay: preprocessing then needs under a ninth of the CPU. (At
+# 4 the choice would flip for mobilenet_v3_small at --max-batch-size 1, which reads 3.8-4.2.)
+LANE_FORWARD_RATIO = 8.0
 
 
 def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None, forward_ratio: float) -> int:
@@ -82,8 +83,8 @@ def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None
     ``auto`` (0): on a CPU with a thread plan, one lane per torch thread when ``forward_ratio`` (the
     forward pass's time per image over a JPEG's preprocessing, one thread each) is at least
     ``LANE_FORWARD_RATIO``: the model's passes then fill every core, and passes side by side on one
-    thread each lose nothing at barriers (resnet18 here, ratio ~20: +6 % served at 64 clients). A
-    light model's preprocessing keeps a core busy (mobilenet_v3_small, ratio ~1.5): a second lane
+    thread each lose nothing at barriers (resnet18 here, ratio 15-27: +6 % served at 64 clients). A
+    light model's preprocessing keeps a core busy (mobilenet_v3_small, ratio 1.7-1.9): a second lane
     only took CPU from it (-3 %), so one. One lane on CUDA (one stream orders the work anyway) and
     with ``--compile`` (compiled graphs are not run from several threads)."""
     if settings.lanes < 0:
