@@ -143,6 +143,28 @@ def test_sigterm_under_load_loses_nothing(
         svc.stop()
 
 
+def test_two_lanes_answer_every_image_correctly_and_a_sigterm_under_load_loses_nothing(
+    redis_server: RedisServer, weights_file: Path, tmp_path: Path, images: list[bytes], reference: torch.Tensor
+) -> None:
+    """Two forward passes at once through the real model (one torch thread each, or two for a pass
+    alone) give each image its own answer, and a stop finishes every lane's batch."""
+    r = redis.Redis.from_url(redis_server.url)
+    lanes = {"--torch-threads": "2", "--lanes": "2", "--max-batch-size": "4"}
+    svc = _service(redis_server.url, weights_file, tmp_path, workers=2, **lanes)
+    try:
+        for k in r.scan_iter(match=f"{svc.prefix}:worker:*"):
+            assert r.hget(k, "lanes") == b"2"
+        load = Load(svc.predict_url(), images, requests_per_client=8)
+        finish = load.run_in_background()
+        _wait_inflight(r, svc.prefix)
+        svc.workers[0].send_signal(signal.SIGTERM)
+        assert svc.workers[0].wait(30) == 0
+        counts = _check_answers(finish(), reference)
+        assert counts["ok"] == counts["sent"] == 32 * 8
+    finally:
+        svc.stop()
+
+
 def test_gunicorn_drains_requests_in_flight_on_sigterm(
     redis_server: RedisServer, weights_file: Path, tmp_path: Path, images: list[bytes], reference: torch.Tensor
 ) -> None:
