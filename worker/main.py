@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 
@@ -64,6 +65,8 @@ def run(settings: Settings) -> int:
     lanes = lane_count(settings, device, plan, ratio)
     if plan is not None:
         logger.info("%d lane(s): the forward pass costs %.1fx a JPEG's preprocessing per image", lanes, ratio)
+    if lanes > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        logger.info("a heavy model: OMP_WAIT_POLICY=ACTIVE answers a lone request sooner at the same load (README)")
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S), plan, lanes)
     if settings.metrics_port:
         serve_metrics(settings, worker.id)
