@@ -33,7 +33,8 @@ MODEL_COLUMNS = (
     "MODEL", "WORKERS", "QUEUE", "IN-FLIGHT", "REQ/S", "ITEMS/S", "BATCH/S", "MEAN BATCH", "ERR/S", "EXP/S"
 )  # fmt: skip
 WORKER_COLUMNS = (
-    "WORKER", "MODEL", "DEVICE", "DTYPE", "MAX BATCH", "IN-FLIGHT", "REQ/S", "MEAN BATCH", "HEARTBEAT", "HOST:PID"
+    "WORKER", "MODEL", "DEVICE", "DTYPE", "MAX BATCH", "LANES", "IN-FLIGHT", "REQ/S", "MEAN BATCH", "HEARTBEAT",
+    "HOST:PID",
 )  # fmt: skip
 CLEAR = "\x1b[H\x1b[2J"
 ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"
@@ -214,6 +215,7 @@ def _worker_table(prev: Snapshot | None, cur: Snapshot, dt_s: float) -> list[str
                 w.device,
                 w.fields.get("dtype", ""),
                 f"{cap}/{w.max_batch_size}" if cap != w.max_batch_size else str(w.max_batch_size),
+                str(w.fields.get("lanes", "1")),  # forward passes that may run at once (worker/runner.py)
                 str(cur.inflight.get(w.id, 0)),
                 "-" if rate is None else f"{rate.requests_per_s:.1f}",
                 "-" if rate is None or rate.mean_batch is None else f"{rate.mean_batch:.1f}",
@@ -224,8 +226,8 @@ def _worker_table(prev: Snapshot | None, cur: Snapshot, dt_s: float) -> list[str
     live = {w.id for w in cur.workers}
     for wid, n in sorted(cur.inflight.items()):
         if wid not in live and n:  # its frames go back to the queue at a live worker's next heartbeat
-            rows.append([wid, "(dead)", "", "", "", str(n), "", "", "", ""])
-    return _table(WORKER_COLUMNS, rows, left={0, 1, 2, 3, 9}) if rows else ["no live workers"]
+            rows.append([wid, "(dead)", "", "", "", "", str(n), "", "", "", ""])
+    return _table(WORKER_COLUMNS, rows, left={0, 1, 2, 3, 10}) if rows else ["no live workers"]
 
 
 def _model_of(queue: str) -> str:

@@ -54,8 +54,8 @@ def test_top_once_shows_the_worker_queues_and_request_rate(
     assert "\x1b" not in screen  # --once prints a plain screen, for scripts and tests
 
     worker_row = _row(screen, w.worker.id)
-    assert worker_row[1:5] == ["tiny", "cpu", "float32", "8"]  # model, device, dtype, batch size
-    assert float(worker_row[6]) > 0  # requests per second
+    assert worker_row[1:6] == ["tiny", "cpu", "float32", "8", "1"]  # model, device, dtype, batch size, lanes
+    assert float(worker_row[7]) > 0  # requests per second
 
     tiny = _row(screen, "tiny")
     assert tiny[1] == "1"  # one live worker

@@ -62,8 +62,9 @@ def test_the_screen_shows_queues_workers_rates_and_batch_sizes() -> None:
     # model, workers, queue "15 (h3)", in-flight, req/s, items/s, batch/s, mean batch, err/s, exp/s
     model_row = ["resnet18", "1", "15", "(h3)", "16", "200.0", "200.0", "5.0", "40.0", "0.0", "0.0"]
     assert _row(screen, "resnet18") == model_row
-    # worker, model, device, dtype, batch, in-flight, req/s, mean batch, heartbeat age, host:pid
-    worker_row = ["w-a", "resnet18", "cuda:0", "float16", "32", "16", "200.0", "40.0", "0.4s", "gpu1:4242"]
+    # worker, model, device, dtype, batch, lanes (none registered: 1), in-flight, req/s, mean batch,
+    # heartbeat age, host:pid
+    worker_row = ["w-a", "resnet18", "cuda:0", "float16", "32", "1", "16", "200.0", "40.0", "0.4s", "gpu1:4242"]
     assert _row(screen, "w-a") == worker_row
 
 
@@ -82,14 +83,14 @@ def test_without_a_previous_snapshot_rates_are_dashes() -> None:
     screen = render(None, cur)
     assert "rates need two refreshes" in screen
     assert _row(screen, "resnet18")[5:] == ["-"] * 6
-    assert _row(screen, "w-a")[6:8] == ["-", "-"]
+    assert _row(screen, "w-a")[7:9] == ["-", "-"]
 
 
-def test_a_lowered_batch_cap_and_a_dead_workers_frames_show() -> None:
-    w = worker("w-b", "resnet18", "cuda:1", {}, batch_cap="8")
+def test_a_lowered_batch_cap_the_lanes_and_a_dead_workers_frames_show() -> None:
+    w = worker("w-b", "resnet18", "cpu", {}, batch_cap="8", lanes="2")
     cur = snap(2.0, {}, {}, workers=[w], inflight={"w-b": 2, "w-dead": 5})
     screen = render(snap(1.0, {}, {}, workers=[w]), cur)
-    assert _row(screen, "w-b")[4] == "8/32"
+    assert _row(screen, "w-b")[4:6] == ["8/32", "2"]  # the lowered cap, two lanes
     assert _row(screen, "w-dead") == ["w-dead", "(dead)", "5"]
     assert _row(screen, "resnet18")[4] == "2"  # in flight at live workers of the model only
 
