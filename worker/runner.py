@@ -152,19 +152,24 @@ class Worker:
 
     def _lane_loop(self) -> None:
         while not self.stop.is_set():
-            with self._forming:
-                items = self._next_batch()
-                if not items:
-                    continue
-                with self._lanes_lock:
-                    alone = self._busy_lanes == 0
-                    self._busy_lanes += 1
-            try:
-                self.process(items, alone)
-            finally:
-                with self._lanes_lock:
-                    self._busy_lanes -= 1
-                self.buffer.notify()  # a lane waiting for a full batch may go on as usual now
+            self._lane_step()
+
+    def _lane_step(self) -> None:
+        """Form one batch and run it. Its items die when this returns, not when the next batch is
+        formed: the handler's staging ring reuses an image's row once nothing refers to it."""
+        with self._forming:
+            items = self._next_batch()
+            if not items:
+                return
+            with self._lanes_lock:
+                alone = self._busy_lanes == 0
+                self._busy_lanes += 1
+        try:
+            self.process(items, alone)
+        finally:
+            with self._lanes_lock:
+                self._busy_lanes -= 1
+            self.buffer.notify()  # a lane waiting for a full batch may go on as usual now
 
     def _next_batch(self) -> list[_Item]:
         """The batching policy (``worker/batching.py``) while no other lane is in a pass; while one
