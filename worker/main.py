@@ -67,10 +67,6 @@ def run(settings: Settings) -> int:
         logger.info("%d lane(s): the forward pass costs %.1fx a JPEG's preprocessing per image", lanes, ratio)
     if lanes > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         logger.info("a heavy model: OMP_WAIT_POLICY=ACTIVE answers a lone request sooner at the same load (README)")
-    stage = getattr(handler, "stage", None)  # optional: ImageHandler's ring of host rows
-    if stage is not None and device.type == "cpu":
-        # every row the worker can hold at once (buffered, in passes), and a batch more
-        stage((2 * lanes + 2) * settings.max_batch_size)
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S), plan, lanes)
     if settings.metrics_port:
         serve_metrics(settings, worker.id)

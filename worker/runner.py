@@ -85,7 +85,12 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.broker = WorkerBroker(r, settings, self.id)
         # Up to one batch ahead of the forward passes: the next one fills while the lanes run.
-        self.buffer: LocalBuffer[_Item] = LocalBuffer((self.lanes + 1) * settings.max_batch_size)
+        capacity = (self.lanes + 1) * settings.max_batch_size
+        self.buffer: LocalBuffer[_Item] = LocalBuffer(capacity)
+        stage = getattr(handler, "stage", None)  # optional: ImageHandler's ring of host rows (CPU only)
+        if stage is not None:
+            # every image the worker can hold at once (buffered, in the lanes' passes), and a batch more
+            stage(capacity + (self.lanes + 1) * settings.max_batch_size)
         self._outbox: queue.Queue[tuple[list[Outgoing], Counter[str]] | None] = queue.Queue(maxsize=4)
         self.batch_cap = settings.max_batch_size  # lowered after an out-of-memory error
         self.buckets = batch_buckets(settings, device)
