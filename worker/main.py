@@ -75,9 +75,12 @@ def run(settings: Settings) -> int:
 
 
 # The forward pass must cost at least this many times an image's preprocessing per image (one
-# thread each) for a second lane to pay: preprocessing then needs under a ninth of the CPU. (At
-# 4 the choice would flip for mobilenet_v3_small at --max-batch-size 1, which reads 3.8-4.2.)
-LANE_FORWARD_RATIO = 8.0
+# thread each), i.e. be at least three quarters of an image's CPU, for a second lane to pay. Measured
+# on 2 cores (docs/benchmarks.md): resnet18 in bfloat16 on AMX reads 4.9-5.9 and serves 38 % more with
+# two lanes (its passes spread badly over two threads: 65.5 ms for 8 images on one, 49.0 on two);
+# float32 reads 15-27 (+6 %); mobilenet_v3_small reads 1.3-1.9 and loses 3 % (its preprocessing keeps
+# the other core busy); at --max-batch-size 1 it reads 3.8-4.4 and two lanes serve the same.
+LANE_FORWARD_RATIO = 3.0
 
 
 def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None, forward_ratio: float) -> int:
@@ -86,10 +89,11 @@ def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None
     ``auto`` (0): on a CPU with a thread plan, one lane per torch thread when ``forward_ratio`` (the
     forward pass's time per image over a JPEG's preprocessing, one thread each) is at least
     ``LANE_FORWARD_RATIO``: the model's passes then fill every core, and passes side by side on one
-    thread each lose nothing at barriers (resnet18 here, ratio 15-27: +6 % served at 64 clients). A
-    light model's preprocessing keeps a core busy (mobilenet_v3_small, ratio 1.7-1.9): a second lane
-    only took CPU from it (-3 %), so one. One lane on CUDA (one stream orders the work anyway) and
-    with ``--compile`` (compiled graphs are not run from several threads)."""
+    thread each lose nothing at barriers (resnet18 here, ratio 15-27 in float32: +6 % served at 64
+    clients; 5-6 in bfloat16 on AMX: +38 %). A light model's preprocessing keeps a core busy
+    (mobilenet_v3_small, ratio 1.3-1.9): a second lane only took CPU from it (-3 %), so one. One
+    lane on CUDA (one stream orders the work anyway) and with ``--compile`` (compiled graphs are not
+    run from several threads)."""
     if settings.lanes < 0:
         raise SystemExit("--lanes must be 0 (auto) or more")
     if device.type != "cpu" or settings.compile:
