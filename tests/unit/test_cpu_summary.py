@@ -40,11 +40,15 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
         _write(tmp_path, f"r{r}-{MB}-float32-n32-fixedthreads-c64", _level(served / 1.25))
         _write(tmp_path, f"r{r}-{MB}-float32-n32-fixedthreads-c1", _level(15.0, p50=30.0))
         # 10 s of snapshot window at ``served`` req/s: CPU seconds = ms/request * served * 10 / 1000
-        _write(tmp_path, f"r{r}-{MB}-float32-n32-worker-c64-cpu0", {"api": {"1": 0.0}, "worker": {"2": 0.0}})
+        _write(
+            tmp_path,
+            f"r{r}-{MB}-float32-n32-worker-c64-cpu0",
+            {"api": {"1": 0.0}, "worker": {"2": 0.0}, "redis": {"3": 0.0}},
+        )
         _write(
             tmp_path,
             f"r{r}-{MB}-float32-n32-worker-c64-cpu1",
-            {"api": {"1": 2 * served / 100}, "worker": {"2": 10 * served / 100}},
+            {"api": {"1": 2 * served / 100}, "worker": {"2": 10 * served / 100}, "redis": {"3": served / 100}},
         )
 
     figures = cpu_summary.repeat_figures(tmp_path, 2, seconds=10.0)
@@ -55,8 +59,9 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
     assert figures["mb p50 1 - in-process"] == pytest.approx(5.0)
     assert figures["mb thread plan / all threads, served 64"] == pytest.approx(1.25)
     assert figures["mb p50 1 client, all threads always"] == pytest.approx(30.0)
-    assert figures["mb CPU ms/req api"] == pytest.approx(2.0) and figures["mb CPU ms/req"] == pytest.approx(12.0)
-    assert figures["mb CPU ms/req outside prep+forward"] == pytest.approx(12.0 - 8.0)  # best: 3 + 40 / 8
+    assert figures["mb CPU ms/req api"] == pytest.approx(2.0) and figures["mb CPU ms/req"] == pytest.approx(13.0)
+    assert figures["mb CPU ms/req outside prep+forward"] == pytest.approx(13.0 - 8.0)  # best: 3 + 40 / 8
+    assert figures["mb CPU ms/req api+worker outside prep+forward"] == pytest.approx(12.0 - 8.0)  # Redis's 1 left out
 
     assert cpu_summary.main([str(tmp_path), "12"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mb served/limit |"))
