@@ -50,7 +50,8 @@ FULL = b"!full"  # the reply key's answer to a frame refused at the queue's boun
 # How many of up to n frames to take from each list: high first, then normal, then low; while low
 # frames wait, n * share slots (rounded at random, so the share holds on average) are kept for them, so
 # low is never starved. Rings the doorbell again when frames will remain (an idle peer wakes), else
-# clears it. Returns {high, normal, low}; the taker then moves that many with LMOVE.
+# clears it. Returns {high, normal, low, left}: the taker then moves that many with LMOVE, and
+# ``left`` frames stay queued behind them.
 _PLAN = """
 local n = tonumber(ARGV[1])
 local len = {redis.call('LLEN', KEYS[1]), redis.call('LLEN', KEYS[2]), redis.call('LLEN', KEYS[3])}
@@ -70,12 +71,13 @@ add(2, n - reserve - take[1])
 add(3, n - take[1] - take[2])
 add(1, n - take[1] - take[2] - take[3])
 add(2, n - take[1] - take[2] - take[3])
-if len[1] + len[2] + len[3] > take[1] + take[2] + take[3] then
+local left = len[1] + len[2] + len[3] - take[1] - take[2] - take[3]
+if left > 0 then
   if redis.call('LLEN', KEYS[4]) == 0 then redis.call('RPUSH', KEYS[4], '1') end
 else
   redis.call('DEL', KEYS[4])
 end
-return take
+return {take[1], take[2], take[3], left}
 """
 
 
@@ -143,6 +145,7 @@ class Taker:
         self._queues = queue_keys(keys, model)
         self._plan_keys = [*self._queues, self._wake]
         self._inflight = inflight
+        self.left = 0  # frames still queued behind the last take (all priorities; peers may take them)
 
     def take(self, n: int, block_s: float) -> list[bytes]:
         """Up to ``n`` frames, each moved atomically into the in-flight list; when none are waiting,
@@ -159,7 +162,8 @@ class Taker:
         pipe.blpop([self._wake], timeout=max(block_s, MIN_BLOCK_S))
         keys = self._plan_keys
         pipe.execute_command("EVAL", _PLAN, len(keys), *keys, n, LOW_SHARE, random.random())  # type: ignore[no-untyped-call]
-        plan = cast(list[int], pipe.execute()[1])
+        *plan, left = cast(list[int], pipe.execute()[1])
+        self.left = int(left)
         if not any(plan):
             return []
         pipe = self._r.pipeline(transaction=False)

@@ -47,6 +47,11 @@ class WorkerBroker:
         ``block_s`` when none wait. Every frame returned is already in the in-flight list."""
         return self._taker.take(max_items, block_s)
 
+    @property
+    def left(self) -> int:
+        """Frames still queued in Redis behind the last ``take`` (for peers too)."""
+        return self._taker.left
+
     def send(self, outgoing: Sequence[Outgoing], counters: Mapping[str, int]) -> None:
         """Every reply (RPUSH + PEXPIRE), the in-flight removals and the counters in one round trip."""
         pipe = self._r.pipeline(transaction=False)

@@ -263,6 +263,33 @@ def test_a_second_lane_runs_a_full_batch_beside_the_first_on_one_thread_and_a_lo
     assert all(n == 1 and size == 4 for _, _, n, size in during), h.passes
 
 
+def test_a_pass_with_work_waiting_behind_it_runs_on_one_thread_and_leaves_the_other_core_to_the_collector(
+    tiny: Settings, start_worker: Callable[..., RunningWorker]
+) -> None:
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads")
+    many = torch.get_num_threads()
+    h = SlowHandler()
+    start_worker(handler=h, thread_plan=ThreadPlan({1: many, 4: many}), max_batch_size=4, window_ms=0)
+    assert _client(tiny).post("/v1/models/tiny/predict", data=_solid(60), headers=JPEG).status_code == 200
+    assert [n for _, _, n, _ in h.passes] == [many]  # nothing behind a lone request: the plan's count
+    app = create_app(tiny)
+
+    def one(v: int) -> tuple[int, int]:
+        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
+        return v, resp.get_json()["predictions"][0]["index"]
+
+    with ThreadPoolExecutor(12) as ex:
+        results = list(ex.map(one, [i * 20 for i in range(12)]))
+    assert all(idx == expected_top1(v) for v, idx in results)
+    later = h.passes[1:]
+    assert sum(size for _, _, _, size in later) == 12 and len(later) >= 3
+    # While a pass ran (0.3 s), the rest arrived: the next passes had frames behind them, in the
+    # buffer or still in Redis, and ran on one thread; the last had none and ran on the plan's count.
+    assert any(n == 1 for _, _, n, _ in later[:-1]), later
+    assert later[-1][2] == many, later
+
+
 def test_a_poisoned_item_fails_alone_and_the_batch_succeeds(
     tiny: Settings, start_worker: Callable[..., RunningWorker]
 ) -> None:

@@ -54,10 +54,15 @@ def test_take_moves_up_to_max_frames_into_the_inflight_list(settings: Settings, 
     frames = [_frame(i) for i in range(5)]
     for f in frames:
         Enqueuer(r, keys).push("resnet18", f, "normal", 100)
-    got = _broker(settings).take(3, block_s=1.0)
+    broker = _broker(settings)
+    got = broker.take(3, block_s=1.0)
     assert got == frames[:3]
     assert r.lrange(keys.inflight("w1"), 0, -1) == frames[:3]
     assert r.lrange(keys.queue("resnet18"), 0, -1) == frames[3:]
+    assert broker.left == 2  # what the worker knows waits behind its batch
+    Enqueuer(r, keys).push("resnet18", _frame(9), "high", 100)
+    assert broker.take(8, block_s=1.0) == [_frame(9), *frames[3:]]
+    assert broker.left == 0
 
 
 def test_send_replies_with_a_ttl_and_clears_the_inflight_record(settings: Settings, r: redis.Redis) -> None:
