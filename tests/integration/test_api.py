@@ -219,6 +219,19 @@ def test_a_cpu_worker_runs_each_batch_size_on_its_planned_thread_count(
     assert max(w.handler.batch_sizes) > 1
 
 
+def _post_at_once_and_check(settings: Settings, values: list[int]) -> None:
+    """POST a solid image of each value, all at once (a thread each); each answer is its own top-1."""
+    app = create_app(settings)
+
+    def one(v: int) -> tuple[int, int]:
+        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
+        return v, resp.get_json()["predictions"][0]["index"]
+
+    with ThreadPoolExecutor(len(values)) as ex:
+        results = list(ex.map(one, values))
+    assert all(idx == expected_top1(v) for v, idx in results)
+
+
 class SlowHandler(TinyHandler):
     """Every forward pass sleeps 0.3 s (releasing the GIL, as torch's kernels do) and records when
     it ran and on how many torch threads."""
@@ -246,15 +259,7 @@ def test_a_second_lane_runs_a_full_batch_beside_the_first_on_one_thread_and_a_lo
     assert r.hget(tiny.keys.worker(w.worker.id), "lanes") == b"2"
     assert _client(tiny).post("/v1/models/tiny/predict", data=_solid(60), headers=JPEG).status_code == 200
     assert [n for _, _, n, _ in h.passes] == [many]  # alone: every thread
-    app = create_app(tiny)
-
-    def one(v: int) -> tuple[int, int]:
-        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
-        return v, resp.get_json()["predictions"][0]["index"]
-
-    with ThreadPoolExecutor(16) as ex:
-        results = list(ex.map(one, [i * 15 for i in range(16)]))
-    assert all(idx == expected_top1(v) for v, idx in results)
+    _post_at_once_and_check(tiny, [i * 15 for i in range(16)])
     assert sum(h.batch_sizes) == 17 and max(h.batch_sizes) <= 4
     # A pass that started while another ran had a full batch and one thread (the other lane held
     # the other core).
@@ -273,15 +278,7 @@ def test_a_pass_with_work_waiting_behind_it_runs_on_one_thread_and_leaves_the_ot
     start_worker(handler=h, thread_plan=ThreadPlan({1: many, 4: many}), max_batch_size=4, window_ms=0)
     assert _client(tiny).post("/v1/models/tiny/predict", data=_solid(60), headers=JPEG).status_code == 200
     assert [n for _, _, n, _ in h.passes] == [many]  # nothing behind a lone request: the plan's count
-    app = create_app(tiny)
-
-    def one(v: int) -> tuple[int, int]:
-        resp = app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG)
-        return v, resp.get_json()["predictions"][0]["index"]
-
-    with ThreadPoolExecutor(12) as ex:
-        results = list(ex.map(one, [i * 20 for i in range(12)]))
-    assert all(idx == expected_top1(v) for v, idx in results)
+    _post_at_once_and_check(tiny, [i * 20 for i in range(12)])
     later = h.passes[1:]
     assert sum(size for _, _, _, size in later) == 12 and len(later) >= 3
     # While a pass ran (0.3 s), the rest arrived: the next passes had frames behind them, in the
