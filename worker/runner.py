@@ -92,8 +92,9 @@ class Worker:
         self.buffer: LocalBuffer[_Item] = LocalBuffer(capacity)
         stage = getattr(handler, "stage", None)  # optional: ImageHandler's ring of host rows (CPU only)
         if stage is not None:
-            # every image the worker can hold at once (buffered, in the lanes' passes), and a batch more
-            stage(capacity + (self.lanes + 1) * settings.max_batch_size)
+            # every image the worker can hold at once (the buffer's capacity, plus a batch in each
+            # lane's pass) and a batch more: twice the capacity
+            stage(2 * capacity)
         self._outbox: queue.Queue[tuple[list[Outgoing], Counter[str]] | None] = queue.Queue(maxsize=4)
         self.batch_cap = settings.max_batch_size  # lowered after an out-of-memory error
         self.buckets = batch_buckets(settings, device)
