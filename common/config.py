@@ -49,9 +49,11 @@ _HELP = {
     "worker_ttl_s": "a worker whose registration is older than this is dead",
     "torch_threads": "torch intra-op threads (0: torch's default)",
     "adaptive_threads": "on a CPU, time every batch size on one torch thread and on all of them at start-up and "
-    "run each size the faster way (small batches lose more to waking threads than they gain)",
+    "run each size the faster way when it runs alone (small batches lose more to waking threads than they "
+    "gain); a pass with work waiting behind it runs on one thread, the other core decoding that work",
     "lanes": "forward passes that may run at once on a CPU, each on one torch thread while another runs; "
-    "a second starts only with a full batch, a pass with the others idle runs on the thread plan's count "
+    "a second starts only with a full batch; a pass with the others idle and nothing waiting behind it "
+    "runs on the thread plan's count "
     "(0: auto: one per torch thread where the forward pass costs at least 3x a JPEG's preprocessing per "
     "image, both timed at start-up on one thread; else 1, and 1 on CUDA or with --compile)",
     "channels_last": "run the model in channels_last memory format",
