@@ -44,6 +44,8 @@ class QueueClient:
         # Above the longest BLPOP; with Redis down, answer 503 fast.
         self._r = connect(settings, settings.request_timeout_s, connect_timeout_s=1.0)
         self._enqueuer = Enqueuer(self._r, self._keys)
+        # The predict path's own connections, last used first (``_enqueue_and_wait``).
+        self._idle: list[redis.Connection] = []
         self._models: dict[str, ModelInfo] = {}
         self._models_at = float("-inf")
         self._lock = threading.Lock()
@@ -116,32 +118,53 @@ class QueueClient:
 
         A refused write (an error) or a full queue behind the first frame leaves the BLPOP blocked
         on this connection: it is closed instead of reused, and the error raised.
+
+        The connection comes from this client's own stack of idle ones, not redis-py's pool: the
+        pool's hand-out polls every connection for stray data and records its observability
+        counters, 9 % of an API process's CPU under load (docs/benchmarks.md). A connection goes
+        back on the stack only after a whole exchange, so none holds unread data; one that Redis
+        closed while it sat idle (a restart) fails before any answer is read, and the commands are
+        sent once more on a new connection (had Redis queued them before it closed the connection,
+        a worker answers twice and the second reply expires unread).
         """
-        pool = self._r.connection_pool
+        packed = None
+        while True:
+            conn, reused = self._checkout()
+            answered = False
+            try:
+                if packed is None:
+                    packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
+                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                counts = []
+                for cmd in commands[:-1]:
+                    try:
+                        got = conn.read_response()
+                        answered = True
+                        if cmd[0] == "EXEC":  # one per frame: its queue's length, or -1 when refused
+                            counts.append(admitted(got))
+                    except redis.ResponseError as exc:  # e.g. OOM at maxmemory: that frame was not queued
+                        raise Unavailable(f"Redis refused the request: {exc}") from None
+                if -1 in counts[1:]:
+                    raise self._full(model)
+                got = conn.read_response()  # FULL at once when the first frame was refused
+            except BaseException as exc:
+                conn.disconnect()  # type: ignore[no-untyped-call]  # a BLPOP may still be pending on it
+                if isinstance(exc, redis.ConnectionError) and reused and not answered:
+                    self._idle.clear()  # after a restart every idle one is closed: the next is new
+                    continue
+                if isinstance(exc, redis.RedisError):
+                    raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
+                raise
+            self._idle.append(conn)
+            return got
+
+    def _checkout(self) -> tuple[redis.Connection, bool]:
+        """An idle connection (True: used before), or a new one with the client's settings."""
         try:
-            conn = pool.get_connection()
-        except redis.RedisError as exc:
-            raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
-        try:
-            conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
-            counts = []
-            for cmd in commands[:-1]:
-                try:
-                    got = conn.read_response()
-                    if cmd[0] == "EXEC":  # one per frame: its queue's length, or -1 when refused
-                        counts.append(admitted(got))
-                except redis.ResponseError as exc:  # e.g. OOM at maxmemory: that frame was not queued
-                    raise Unavailable(f"Redis refused the request: {exc}") from None
-            if -1 in counts[1:]:
-                raise self._full(model)
-            return conn.read_response()  # FULL at once when the first frame was refused
-        except BaseException as exc:
-            conn.disconnect()  # type: ignore[no-untyped-call]  # a BLPOP may still be pending on it
-            if isinstance(exc, redis.RedisError):
-                raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
-            raise
-        finally:
-            pool.release(conn)
+            return self._idle.pop(), True
+        except IndexError:
+            pool = self._r.connection_pool
+            return pool.connection_class(**pool.connection_kwargs), False
 
     def _parse(self, got: Any, model: str) -> Reply:
         if got is None:

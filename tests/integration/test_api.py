@@ -123,6 +123,23 @@ def test_redis_over_a_unix_socket_serves_predictions(
         server.stop()
 
 
+def test_a_connection_redis_closed_while_idle_costs_no_request(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    start_worker()
+    client = _client(tiny)
+    assert client.post("/v1/models/tiny/predict", data=_solid(60), headers=JPEG).status_code == 200
+    # The API's connection now sits idle after its BLPOP was answered (a blocked client is a
+    # worker's); close every such one, as a Redis restart or a proxy's idle timeout would.
+    idle = [c for c in r.client_list() if c["cmd"] == "blpop" and "b" not in c["flags"]]
+    assert idle
+    for c in idle:
+        r.client_kill_filter(_id=c["id"])
+    resp = client.post("/v1/models/tiny/predict", data=_solid(130), headers=JPEG)
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["predictions"][0]["index"] == expected_top1(130)
+
+
 def test_multipart_upload_works(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
     start_worker()
     resp = _client(tiny).post(
