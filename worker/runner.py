@@ -322,7 +322,7 @@ class Worker:
     def _prepare(self, x: Any) -> Any:
         return prepare_inputs(self.handler, [x])[0]
 
-    def _use_threads(self, size: int, alone: bool, backlog: bool = False) -> None:
+    def _use_threads(self, size: int, alone: bool, backlog: bool) -> None:
         """Set this lane's torch threads for a pass over ``size`` items (the count is per thread):
         one while another lane is in a pass (it holds the other core); with a thread plan, one
         while more items wait behind the batch (the collector is preparing them on the other core,
