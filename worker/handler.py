@@ -61,11 +61,16 @@ Prepared = TensorData | torch.Tensor  # an input as it arrived, or an HWC crop: 
 
 
 def _hwc(t: TensorData) -> torch.Tensor:
-    """uint8 pixels (HWC) as a tensor over the frame's own bytes: no copy. Only read (the batch is
-    a copy), so torch's warning about a read-only buffer does not apply."""
+    """uint8 pixels (HWC) as a tensor over the frame's own bytes: no copy."""
+    return _bytes_view(t.data).view(*t.shape)
+
+
+def _bytes_view(data: bytes) -> torch.Tensor:
+    """A uint8 tensor over ``data`` itself: no copy. Only ever read (a batch is a copy, a decoder
+    reads), so torch's warning about a read-only buffer does not apply."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(t.data, dtype=torch.uint8).view(*t.shape)
+        return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def fuse_conv_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,16 +167,25 @@ class ImageHandler:
         if self.device.type == "cpu" and self.dtype == torch.float32:
             self._staging = Staging.sized(rows, self.spec.shape)
 
+    @property
+    def prepares_batches(self) -> bool:
+        """Whether ``prepare`` does its work per call rather than per image, so that the collector
+        should hand it everything it took at once: on CUDA, where one call decodes all the JPEGs
+        together (nvjpeg, on the GPU's hardware decoder where it has one) and resizes them together."""
+        return self.device.type == "cuda"
+
     def prepare(self, inputs: Sequence[TensorData]) -> list[Prepared]:
         """Per-item work the worker runs off the forward pass's thread, as frames arrive. On a CPU
         device: JPEGs decoded, resized and cropped, and every image scaled and shifted into the
         model's dtype (HWC), while its pixels are still in cache (into the staging ring's rows,
         once ``stage`` made one); ``preprocess`` then only stacks them, or takes a view of the ring.
-        On CUDA: uint8 pixels wrapped without a copy and JPEGs left whole (``preprocess`` decodes
-        and normalises whole batches on the GPU, and uint8 crosses to it at a quarter of the bytes).
+        On CUDA: the JPEGs of the call decoded and cropped together on the GPU (uint8 HWC there,
+        overlapping the forward pass of the batch before), uint8 pixels wrapped without a copy
+        (``preprocess`` moves them, uint8 crossing at a quarter of float32's bytes).
         Raises ``InvalidImage`` for an input that will not go."""
         if self.device.type == "cuda":
-            return [t if t.dtype == "jpeg" else _hwc(t) for t in inputs]
+            crops: list[Prepared] = [*self._batch_crops(inputs, on_device=False)]
+            return crops
         return [
             self._normalised(self._crop_hwc(self._decode_one(t.data)) if t.dtype == "jpeg" else _hwc(t)) for t in inputs
         ]
@@ -218,25 +232,41 @@ class ImageHandler:
         x = x.to(torch.float32).mul_(self._scale).add_(self._shift)
         return x.to(self.dtype)
 
-    def _batch_crops(self, inputs: Sequence[TensorData]) -> list[torch.Tensor]:
-        """HWC uint8 crops on the device for ``inputs`` (JPEGs or uint8 pixels), in order."""
+    def _batch_crops(self, inputs: Sequence[TensorData], on_device: bool = True) -> list[torch.Tensor]:
+        """HWC uint8 crops for ``inputs`` (JPEGs, decoded and cropped on the device, or uint8 pixels,
+        moved there unless ``on_device`` is false), in order."""
         jpegs = [i for i, t in enumerate(inputs) if t.dtype == "jpeg"]
-        decoded = dict(zip(jpegs, self._decode([inputs[i].data for i in jpegs])))
-        return [self._crop_hwc(decoded[i]) if i in decoded else _hwc(t).to(self.device) for i, t in enumerate(inputs)]
+        decoded = dict(zip(jpegs, self._crops(self._decode([inputs[i].data for i in jpegs]))))
+        return [
+            decoded[i] if i in decoded else _hwc(t).to(self.device) if on_device else _hwc(t)
+            for i, t in enumerate(inputs)
+        ]
+
+    def _crops(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``_crop_hwc`` of each decoded CHW image, the images of one size resized together: on CUDA
+        a resize of each image alone cost more CPU (kernel launches) than the GPU's work for it."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, chw in enumerate(images):
+            by_shape.setdefault(tuple(chw.shape), []).append(i)
+        out: list[torch.Tensor] = list(images)
+        for idx in by_shape.values():
+            batch = torch.stack([images[i] for i in idx]) if len(idx) > 1 else images[idx[0]].unsqueeze(0)
+            # one contiguous copy for the group: its images then stack into a batch in one kernel
+            for i, crop in zip(idx, self._crop_hwc(batch).contiguous().unbind(0)):
+                out[i] = crop
+        return out
 
     def _crop_hwc(self, chw: torch.Tensor) -> torch.Tensor:
         """The preset's resize (shorter side, antialiased) and center crop of a decoded CHW uint8
-        image, as an HWC view. torchvision's v2 kernels keep uint8 (a vectorised path on the CPU);
-        the v1 ones went through float and cost twice as much."""
+        image (or an NCHW batch of them), as an HWC (NHWC) view. torchvision's v2 kernels keep uint8
+        (a vectorised path on the CPU); the v1 ones went through float and cost twice as much."""
         img = F2.resize(chw, [self.spec.resize_size], self._interpolation, antialias=True)
         crop: torch.Tensor = F2.center_crop(img, [self.spec.crop_size])
-        return crop.permute(1, 2, 0)
+        return crop.movedim(-3, -1)
 
     def _decode_one(self, blob: bytes) -> torch.Tensor:
         try:
-            out: torch.Tensor = torchvision.io.decode_jpeg(
-                torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB
-            )
+            out: torch.Tensor = torchvision.io.decode_jpeg(_bytes_view(blob), mode=torchvision.io.ImageReadMode.RGB)
             return out
         except RuntimeError as exc:
             raise InvalidImage(f"the JPEG cannot be decoded ({str(exc)[:200]})") from None
@@ -246,7 +276,7 @@ class ImageHandler:
         if not blobs:
             return []
         if self.device.type == "cuda":
-            tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+            tensors = [_bytes_view(b) for b in blobs]  # nvjpeg only reads them: no copy
             try:
                 rgb = torchvision.io.ImageReadMode.RGB
                 return list(torchvision.io.decode_jpeg(tensors, mode=rgb, device=self.device))

@@ -81,6 +81,7 @@ class Worker:
         # Work behind the batch being formed (``_use_threads``): frames the collector has taken from
         # Redis and not yet put into the buffer; ``broker.left``: frames still queued after its take.
         self._admitting = 0
+        self._batched = bool(getattr(handler, "prepares_batches", False))  # prepare whole takes at once
         self._lanes_lock = threading.Lock()
         self._forming = threading.Lock()  # one lane forms a batch at a time
         self.handler = handler
@@ -215,21 +216,48 @@ class Worker:
 
     def _admit_all(self, raws: list[bytes]) -> None:
         """Decode, check and prepare frames as they are popped, each into the buffer as soon as it
-        is ready (this thread's decoding overlaps the forward pass); answer the ones that cannot run."""
+        is ready (this thread's decoding overlaps the forward pass), or all of them with one call
+        of a handler that ``prepares_batches``; answer the ones that cannot run."""
         counts: Counter[str] = Counter(requests=len(raws))
         rejected: list[Outgoing] = []
         self._admitting = len(raws)
         try:
-            for raw in raws:
-                got = self._admit(raw, counts)
-                self._admitting -= 1  # first: a lane woken by the put must not count it twice
-                if isinstance(got, _Item):
-                    self.buffer.put([got])
-                else:
-                    rejected.append(got)
+            if self._batched:
+                checked = [self._check(raw, counts) for raw in raws]
+                rejected = [c for c in checked if isinstance(c, Outgoing)]
+                items = self._prepare_together([c for c in checked if isinstance(c, _Item)], counts, rejected)
+                self._admitting = 0  # first: a lane woken by the put must not count them twice
+                if items:
+                    self.buffer.put(items)
+            else:
+                for raw in raws:
+                    got = self._admit(raw, counts)
+                    self._admitting -= 1  # first: a lane woken by the put must not count it twice
+                    if isinstance(got, _Item):
+                        self.buffer.put([got])
+                    else:
+                        rejected.append(got)
         finally:
             self._admitting = 0
         self._send(rejected, counts)
+
+    def _prepare_together(self, items: list[_Item], counts: Counter[str], rejected: list[Outgoing]) -> list[_Item]:
+        """``items`` with their inputs prepared in one call; if it fails, one by one, so that only
+        the inputs at fault are answered with an error (into ``rejected``)."""
+        try:
+            for it, x in zip(items, prepare_inputs(self.handler, [it.x for it in items]), strict=True):
+                it.x = x
+            return items
+        except Exception:
+            pass
+        ok = []
+        for it in items:
+            got = self._prepared(it, counts)
+            if isinstance(got, _Item):
+                ok.append(got)
+            else:
+                rejected.append(got)
+        return ok
 
     def _heartbeat_loop(self) -> None:
         beats = 0
@@ -289,6 +317,12 @@ class Worker:
         self._send(out, counts, direct_if_idle=True)
 
     def _admit(self, raw: bytes, counts: Counter[str]) -> _Item | Outgoing:
+        got = self._check(raw, counts)
+        return self._prepared(got, counts) if isinstance(got, _Item) else got
+
+    def _check(self, raw: bytes, counts: Counter[str]) -> _Item | Outgoing:
+        """The frame decoded and checked, as an item whose input is still unprepared, or the
+        answer to a frame that cannot run."""
         try:
             req = decode_request(raw)
         except FrameError as exc:
@@ -308,19 +342,23 @@ class Worker:
         elif not _valid_topk(req.params.get("topk", 5)):
             err = InvalidImage(f"topk must be an integer from 1 to {MAX_TOPK}")
         if err is None:
-            try:
-                return _Item(raw, req, self._prepare(req.input))
-            except RedbatchError as exc:
-                err = exc
-            except Exception:
-                logger.exception("request %s: the handler could not prepare its input", req.id)
-                err = InvalidImage("the input could not be prepared for the model")
+            return _Item(raw, req, req.input)
         if not isinstance(err, DeadlineExceeded):
             counts["errors"] += 1
         return Outgoing(raw, Reply.failure(req.id, err))
 
-    def _prepare(self, x: Any) -> Any:
-        return prepare_inputs(self.handler, [x])[0]
+    def _prepared(self, it: _Item, counts: Counter[str]) -> _Item | Outgoing:
+        """``it`` with its input prepared alone, or the error answer for an input that will not go."""
+        try:
+            it.x = prepare_inputs(self.handler, [it.x])[0]
+            return it
+        except RedbatchError as exc:
+            err = exc
+        except Exception:
+            logger.exception("request %s: the handler could not prepare its input", it.req.id)
+            err = InvalidImage("the input could not be prepared for the model")
+        counts["errors"] += 1
+        return Outgoing(it.raw, Reply.failure(it.req.id, err))
 
     def _use_threads(self, size: int, alone: bool, backlog: bool) -> None:
         """Set this lane's torch threads for a pass over ``size`` items (the count is per thread):
@@ -409,7 +447,9 @@ class Worker:
             with self._unsent_lock:
                 self._unsent.update(counts)
             return
-        if direct_if_idle and not self.buffer and self._outbox.empty():
+        # On CUDA a take the collector is still preparing is the next batch: the lane stays free for it.
+        next_batch = bool(self.buffer) or (self._batched and self._admitting > 0)
+        if direct_if_idle and not next_batch and self._outbox.empty():
             self._send_now(out, counts)
         else:
             self._outbox.put((out, counts))

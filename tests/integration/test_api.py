@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +17,9 @@ from PIL import Image
 
 from api.app import create_app
 from common.config import Settings
-from common.protocol import decode_request
+from common.errors import InvalidImage
+from common.protocol import Request, TensorData, decode_reply, decode_request, encode_request, now_ms
+from common.queues import Enqueuer
 from tests.conftest import RedisServer, make_image
 from tests.integration.conftest import (
     POISON,
@@ -539,3 +541,45 @@ def test_v2_bad_priority_is_400(tiny: Settings) -> None:
         "parameters": {"priority": "vip"},
     }
     assert _client(tiny).post("/v2/models/tiny/infer", json=body).status_code == 400
+
+
+class BatchPreparingHandler(TinyHandler):
+    """Prepares whole takes in one call, as the image handler does on CUDA (nvjpeg decodes a list
+    at once), and, like that call, fails as a whole when one input in it is bad."""
+
+    prepares_batches = True
+    bad = 7  # an input whose first pixel is this value cannot be prepared
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepare_calls: list[int] = []
+
+    def prepare(self, inputs: Sequence[TensorData]) -> list[TensorData]:
+        self.prepare_calls.append(len(inputs))
+        if any(t.data[0] == self.bad for t in inputs):
+            raise InvalidImage("the JPEG cannot be decoded")
+        return list(inputs)
+
+
+def test_a_take_prepared_in_one_call_answers_every_frame_and_only_the_bad_one_fails(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    values = [40, 80, BatchPreparingHandler.bad, 120, 160, 200]
+    enqueuer = Enqueuer(r, tiny.keys)
+    for i, v in enumerate(values):  # queued before the worker starts: its first take holds them all
+        shape = TinyHandler.spec.shape
+        frame = Request(f"batched{i}", "tiny", now_ms() + 10_000, TensorData("uint8", shape, bytes([v]) * (8 * 8 * 3)))
+        assert enqueuer.push("tiny", encode_request(frame), "normal", 100) >= 0
+    handler = BatchPreparingHandler()
+    w = start_worker(handler, max_batch_size=16)
+    for i, v in enumerate(values):
+        got = r.blpop([tiny.keys.reply(f"batched{i}")], timeout=5)
+        assert got is not None, f"no reply for input {v}"
+        reply = decode_reply(got[1])
+        if v == BatchPreparingHandler.bad:
+            assert not reply.ok and reply.error is not None and reply.error["code"] == "invalid_image"
+        else:
+            assert reply.ok and reply.result is not None and reply.result["indices"][0] == expected_top1(v)
+    # one call for the whole take, then each input alone to find the bad one
+    assert handler.prepare_calls == [len(values)] + [1] * len(values)
+    assert r.llen(tiny.keys.inflight(w.worker.id)) == 0

@@ -162,3 +162,37 @@ def test_worker_side_decoding_rejects_a_broken_jpeg_as_invalid_image() -> None:
     with pytest.raises(InvalidImage):
         handler.preprocess([TensorData("jpeg", (len(body) // 3,), body[: len(body) // 3])])
     assert TorchvisionClassifier("resnet18", "random").check_input(TensorData("jpeg", (4,), b"abcd"))
+
+
+def test_jpegs_of_several_sizes_cropped_together_match_each_cropped_alone() -> None:
+    """A batch's JPEGs are resized together, one call per size (as on CUDA): the same model input
+    as each image decoded and cropped on its own, in the batch's order."""
+    from common.protocol import TensorData
+
+    handler = TorchvisionClassifier("resnet18", "random", decode_jpeg=True)
+    handler.setup(torch.device("cpu"))
+    sizes = [(640, 480), (480, 640), (640, 480), (300, 300), (640, 480)]
+    jpegs = [TensorData("jpeg", (len(b),), b) for b in (make_image(i, size) for i, size in enumerate(sizes))]
+    together = handler.preprocess(jpegs)
+    alone = torch.cat([handler.preprocess(handler.prepare([j])) for j in jpegs])
+    assert together.shape == alone.shape == (len(sizes), 3, 224, 224)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_jpegs_prepared_together_on_the_gpu_make_the_batch_the_cpu_makes() -> None:
+    """On CUDA the collector decodes a take's JPEGs in one nvjpeg call and crops them together on
+    the GPU: the batch is the CPU path's, up to the two JPEG decoders' rounding."""
+    from common.protocol import TensorData
+
+    cpu, gpu = (TorchvisionClassifier("resnet18", "random", decode_jpeg=True) for _ in range(2))
+    cpu.setup(torch.device("cpu"))
+    gpu.setup(torch.device("cuda"))
+    sizes = [(640, 480), (480, 640), (640, 480)]
+    jpegs = [TensorData("jpeg", (len(b),), b) for b in (make_image(i, size) for i, size in enumerate(sizes))]
+    prepared = gpu.prepare(jpegs)
+    assert all(isinstance(p, torch.Tensor) and p.is_cuda and p.dtype == torch.uint8 for p in prepared)
+    on_gpu = gpu.preprocess(prepared).cpu()
+    on_cpu = torch.cat([cpu.preprocess(cpu.prepare([j])) for j in jpegs])
+    assert on_gpu.shape == on_cpu.shape == (3, 3, 224, 224)
+    assert (on_gpu - on_cpu).abs().mean() < 0.05  # about three grey levels
