@@ -2,10 +2,10 @@
 
 Two costs are timed apart, in this one process:
 
-- preprocessing, one image at a time on one core, both ways the service can run it: the API's
-  path (``api.images``: Pillow decode, resize, crop) and the worker's (``handler.prepare``:
-  ``torchvision.io`` decode, uint8 resize and crop, and on a CPU the normalisation); the faster
-  one counts;
+- preprocessing, both ways the service can run it: the API's path (``api.images``: Pillow decode,
+  resize, crop), one image at a time on one core, and the worker's (``handler.prepare``:
+  ``torchvision.io`` decode, uint8 resize and crop, and on a CPU the normalisation), on a CPU one
+  image at a time on one core, on CUDA a batch at a time on the GPU (nvjpeg); the faster counts;
 - the handler's batched ``preprocess + forward + postprocess`` under ``torch.inference_mode``, for
   each batch size after a warm-up of that size (on CUDA the clock stops after a synchronize), on
   what the faster path hands it, as in the worker.
@@ -13,8 +13,10 @@ Two costs are timed apart, in this one process:
 The machine limit, as the project defines it: on a CPU, the number of cores times the best
 single-thread rate of (preprocessing + model) per image, i.e. one single-threaded process per core;
 the all-threads figure of one process is printed beside it. On CUDA, the model's throughput at its
-best batch size; the preprocessing rate of all CPU cores (which the API processes use) is printed
-apart, since it is spent on other cores.
+best batch size, or less where preprocessing cannot keep up with it: the better of all CPU cores
+running the API's path and the GPU decoding JPEGs beside the model's passes (its JPEG decoder and
+the passes' kernels run at once when the worker overlaps them, so the limit is the slower of the
+two, not their sum).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from worker.main import blank_batch, check_cuda_graphs, resolve_device
 
 INPROCESS_DURATION_S, INPROCESS_WARMUP_S = 1.0, 0.5
 MIN_PREP_IMAGES = 32
+GPU_PREP_BATCH, GPU_PREP_ROUNDS = 64, 10  # on CUDA: JPEGs prepared per timed call, and the calls timed
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,9 @@ class InProcessResult:
 
     @property
     def prep_all_cores_ips(self) -> float:
-        return self.cores * 1000.0 / self.prep_ms
+        """What every core could preprocess (the API's path where the worker's runs on the GPU)."""
+        cpu_ms = self.prep_ms if self.device == "cpu" else self.prep_api_ms
+        return self.cores * 1000.0 / cpu_ms
 
 
 def time_preprocess(
@@ -118,13 +123,24 @@ def time_preprocess(
 
 
 def time_worker_preprocess(handler: TorchvisionClassifier, bodies: Sequence[bytes], n: int) -> tuple[list[Any], float]:
-    """The worker's own preprocessing (``prepare``: decode, resize, crop, normalise) of ``n`` JPEGs,
-    each timed on its own after one untimed image; what it made and the median seconds per image.
-    On CUDA it is not timed (nvjpeg decodes whole batches inside the model's step there): nothing
-    and infinity."""
-    if handler.device.type != "cpu":
-        return [], float("inf")
+    """The worker's own preprocessing (``prepare``) of ``n`` JPEGs; what it made and the median
+    seconds per image. On a CPU: decode, resize, crop and normalise, each image timed on its own
+    after one untimed image, on this thread. On CUDA, as the worker's collector does it there: a
+    batch of ``GPU_PREP_BATCH`` decoded by nvjpeg and cropped together on the GPU, timed to its
+    end on the device, ``GPU_PREP_ROUNDS`` times (``n`` does not apply)."""
     jpegs = [TensorData("jpeg", (len(b),), b) for b in bodies]
+    if handler.device.type != "cpu":
+        sync = _synchronizer(handler.device)
+        chunk = [jpegs[k % len(jpegs)] for k in range(GPU_PREP_BATCH)]
+        made = handler.prepare(chunk)  # the sweep's batches cycle over these crops
+        sync()
+        per_batch = []
+        for _ in range(GPU_PREP_ROUNDS):
+            start = time.perf_counter()
+            handler.prepare(chunk)
+            sync()
+            per_batch.append(time.perf_counter() - start)
+        return made, statistics.median(per_batch) / GPU_PREP_BATCH
     handler.prepare(jpegs[:1])
     prepared, times = [], []
     for i in range(n):
@@ -189,11 +205,18 @@ def sweep(
         torch.set_num_threads(before)
 
 
-def machine_limit(device: torch.device, sweeps: Sequence[Sweep], cores: int) -> tuple[float, str]:
+def machine_limit(
+    device: torch.device, sweeps: Sequence[Sweep], cores: int, api_prep_s: float, worker_prep_s: float
+) -> tuple[float, str]:
     """The project's machine limit (see the module docstring), and how it was reached."""
     if device.type != "cpu":
-        best = sweeps[0].best
-        return best.model_ips, f"model at batch {best.batch_size} on {device}"
+        model = sweeps[0].best
+        api = min(cores / api_prep_s, model.model_ips)  # every core preprocessing for the model
+        gpu = min(1.0 / worker_prep_s, model.model_ips)  # the GPU decoding beside the model's passes
+        how = f"model at batch {model.batch_size} on {device}, fed by "
+        if gpu >= api:
+            return gpu, how + f"JPEGs decoded on the GPU ({1.0 / worker_prep_s:.0f} img/s)"
+        return api, how + f"{cores} cores preprocessing ({cores / api_prep_s:.0f} img/s)"
     one = next(s for s in sweeps if s.threads == 1)
     best = max(one.rows, key=lambda r: r.total_ips)
     return cores * best.total_ips, f"{cores} cores x {best.total_ips:.1f} img/s (one thread, batch {best.batch_size})"
@@ -232,7 +255,7 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
             progress(f"timing {cfg.model} on {device} with {t} torch thread(s)...")
         sweeps.append(sweep(handler, inputs, cfg, prep_s, t))
     cores = os.cpu_count() or 1
-    limit_ips, how = machine_limit(device, sweeps, cores)
+    limit_ips, how = machine_limit(device, sweeps, cores, api_prep_s, worker_prep_s)
     return InProcessResult(
         model=cfg.model,
         device=str(device),
@@ -265,9 +288,9 @@ def format_report(r: InProcessResult) -> str:
     layout = "channels_last" if r.channels_last else "contiguous"
     lines = [
         f"{r.model} on {r.device}, {r.dtype}, {layout}, {r.options}, {r.weights} weights; {r.cores} CPU cores",
-        f"preprocessing of a {r.image_size[0]}x{r.image_size[1]} JPEG on one core: API (Pillow) "
-        f"{r.prep_api_ms:.2f} ms/img, worker (torchvision) {_ms(r.prep_worker_ms)}; the faster, "
-        f"{r.prep_ms:.2f} ms/img, counts below; all {r.cores} cores: {r.prep_all_cores_ips:.0f} img/s",
+        f"preprocessing of a {r.image_size[0]}x{r.image_size[1]} JPEG: API (Pillow, one core) "
+        f"{r.prep_api_ms:.2f} ms/img, worker ({_worker_path(r.device)}) {_ms(r.prep_worker_ms)}; the faster, "
+        f"{r.prep_ms:.2f} ms/img, counts below",
         "model = the handler's preprocess + forward + postprocess on a batch; "
         "with prep = one thread doing both, one after the other",
     ]
@@ -286,15 +309,20 @@ def format_report(r: InProcessResult) -> str:
         )
         lines.append(f"machine limit (one thread per core): {r.machine_limit_ips:.1f} img/s = {r.machine_limit}")
     else:
+        best = r.sweeps[0].best
+        lines.append(f"preprocessing on all {r.cores} CPU cores (API): {r.prep_all_cores_ips:.1f} img/s")
+        lines.append(f"JPEGs decoded and cropped on the GPU: {1000 / r.prep_worker_ms:.1f} img/s")
+        lines.append(f"the model alone: {best.model_ips:.1f} img/s at batch {best.batch_size}")
         lines.append(f"machine limit: {r.machine_limit_ips:.1f} img/s ({r.machine_limit})")
-        bound = r.prep_all_cores_ips < r.machine_limit_ips
-        note = ": below the model's rate, the CPUs are the bound" if bound else ""
-        lines.append(f"preprocessing on all {r.cores} CPU cores: {r.prep_all_cores_ips:.1f} img/s{note}")
     return "\n".join(lines)
 
 
+def _worker_path(device: str) -> str:
+    return "torchvision, one core" if device == "cpu" else f"nvjpeg on the GPU, {GPU_PREP_BATCH} a call"
+
+
 def _ms(value: float) -> str:
-    return f"{value:.2f} ms/img" if value != float("inf") else "not timed (batched on the device)"
+    return f"{value:.2f} ms/img" if value != float("inf") else "not timed"
 
 
 def config_from_args(args: argparse.Namespace) -> InProcessConfig:
