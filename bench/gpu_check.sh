@@ -9,8 +9,9 @@
 # then there, from the repo root:                                  bash bench/gpu_check.sh
 # Results go to $OUT (or ./out). A dry run on a CPU machine:
 #   DEVICE=cpu MODEL=mobilenet_v3_small DTYPE=float32 CLIENTS="8" SECONDS_PER_LEVEL=3 API_WORKERS=1 bash bench/gpu_check.sh
-# Knobs: MODES="api worker", GRAPHS=1 (the graph runs too), CLIENTS="64 256", BENCH_PROCS=2 (client processes), API_WORKERS=10,
-# SKIP_INPROC=1, PROFILE=1 (py-spy raw stacks of the worker and one API process, if py-spy is there).
+# Knobs: MODES="api worker" (empty: neither, only the graph run), GRAPHS=1 (the graph runs too), CLIENTS="64 256", BENCH_PROCS=2 (client processes), API_WORKERS=10,
+# SKIP_INPROC=1, PROFILE=1 (py-spy raw stacks of the worker and one API process, if py-spy is there),
+# REDIS_ARGS="--io-threads 4" (more redis-server options).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -21,7 +22,8 @@ RB="$PY -m common.cli"
 MODEL=${MODEL:-resnet50} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-float16}
 CLIENTS=${CLIENTS:-"64 256"} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10} GRAPHS=${GRAPHS:-1}
 API_WORKERS=${API_WORKERS:-10} MAX_BATCH=${MAX_BATCH:-128} BENCH_PROCS=${BENCH_PROCS:-2}
-PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
+# below Linux's ephemeral range (32768-60999): a port there may be held by a client's old connection
+PORT=$((20000 + RANDOM % 6000)) HTTP=$((26000 + RANDOM % 6000))
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
 trap cleanup EXIT
@@ -45,8 +47,10 @@ if [ -z "${SKIP_INPROC:-}" ]; then
   [ "$GRAPHS" = 1 ] && inproc inprocess-graphs --cuda-graphs
 fi
 
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$OUT/redis.log" 2>&1 &
-pids+=($!)
+# shellcheck disable=SC2086
+redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --daemonize no ${REDIS_ARGS:-} >"$OUT/redis.log" 2>&1 &
+RPID=$!
+pids+=("$RPID")
 export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_REQUEST_TIMEOUT_S=30 REDBATCH_MAX_QUEUE_LENGTH=4096
 
 served() {  # preprocess mode (api | worker), [name, extra worker flags]
@@ -76,19 +80,36 @@ served() {  # preprocess mode (api | worker), [name, extra worker flags]
         --warmup-s 3 --json "$OUT/served-$mode-$c-$i.json" >"$OUT/served-$mode-$c-$i.txt" 2>&1 &
       bp+=($!)
     done
-    if [ -n "${PROFILE:-}" ] && command -v py-spy >/dev/null; then  # the worker and one API process, mid-run
-      sleep 5
-      py-spy record -d 8 -r 40 --nonblocking --format raw -o "$OUT/prof-worker-$mode-$c.txt" --pid "$wpid" >/dev/null 2>&1 &
-      py-spy record -d 8 -r 40 --nonblocking --format raw -o "$OUT/prof-api-$mode-$c.txt" \
+    # mid-run: the cores each process group keeps busy, the GPU's busy share (nvidia-smi: the time
+    # some kernel ran) and, with PROFILE=1, py-spy stacks of the worker and one API process
+    sleep 4
+    local span=$((SECONDS_PER_LEVEL - 3)) groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpid" "redis=$RPID"
+      "bench=$(IFS=,; echo "${bp[*]}")")
+    $PY bench/proc_cpu.py snap "$OUT/cpu0.json" "${groups[@]}"
+    local smi=""
+    if command -v nvidia-smi >/dev/null; then
+      nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 >"$OUT/gpu-util-$mode-$c.txt" 2>/dev/null &
+      smi=$!
+    fi
+    if [ -n "${PROFILE:-}" ] && command -v py-spy >/dev/null; then
+      py-spy record -d "$span" -r 40 --nonblocking --format raw -o "$OUT/prof-worker-$mode-$c.txt" --pid "$wpid" >/dev/null 2>&1 &
+      py-spy record -d "$span" -r 40 --nonblocking --format raw -o "$OUT/prof-api-$mode-$c.txt" \
         --pid "$(pgrep -P "$apid" | head -1)" >/dev/null 2>&1 &
     fi
+    sleep "$span"
+    $PY bench/proc_cpu.py snap "$OUT/cpu1.json" "${groups[@]}"
+    [ -n "$smi" ] && kill "$smi"
     wait "${bp[@]}"
     cat "$OUT"/served-"$mode"-"$c"-*.txt | tee -a "$OUT/summary.txt"
+    $PY bench/proc_cpu.py cores "$OUT/cpu0.json" "$OUT/cpu1.json" "$span" | tee -a "$OUT/summary.txt"
+    [ -s "$OUT/gpu-util-$mode-$c.txt" ] && sort -n "$OUT/gpu-util-$mode-$c.txt" |
+      awk '{v[NR]=$1} END {printf "GPU busy %% (nvidia-smi, %d samples): median %s, min %s\n", NR, v[int((NR+1)/2)], v[1]}' |
+      tee -a "$OUT/summary.txt"
   done
   redis-cli -p "$PORT" hgetall "$prefix:stats:$MODEL" | paste - - | tee -a "$OUT/summary.txt"
   kill "$apid" "$wpid"; wait "$apid" "$wpid" 2>/dev/null
 }
 
-for mode in ${MODES:-api worker}; do served "$mode"; done
+for mode in ${MODES-api worker}; do served "$mode"; done
 [ "$GRAPHS" = 1 ] && served worker worker-graphs --cuda-graphs
 echo "== done" | tee -a "$OUT/summary.txt"

@@ -4,6 +4,7 @@
     ... load ...
     python bench/proc_cpu.py snap B.json api=12,13 worker=14 redis=15 bench=16
     python bench/proc_cpu.py diff A.json B.json REQUESTS [--json OUT.json]
+    python bench/proc_cpu.py cores A.json B.json SECONDS     (cores each group kept busy in between)
 
 Each PID counts with all its threads (utime + stime of /proc/PID/stat); a process that ended
 between the snapshots counts only up to the first.
@@ -55,6 +56,11 @@ def main(argv: list[str]) -> int:
         if len(argv) == 6 and argv[4] == "--json":
             with open(argv[5], "w") as f:
                 json.dump(per, f)
+        return 0
+    if len(argv) == 4 and argv[0] == "cores":
+        with open(argv[1]) as fa, open(argv[2]) as fb:
+            per = diff(json.load(fa), json.load(fb), round(1000 * float(argv[3])))
+        print("  ".join(f"{k} {v:.2f}" for k, v in per.items()), "(cores busy)")
         return 0
     print(__doc__, file=sys.stderr)
     return 2
