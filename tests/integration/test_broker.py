@@ -195,3 +195,73 @@ def test_an_idle_peer_is_woken_while_frames_remain(settings: Settings, r: redis.
     t0 = time.monotonic()
     assert len(b.take(4, 5.0)) == 2 and time.monotonic() - t0 < 1.0
     assert r.exists(settings.keys.wake("resnet18")) == 0  # queues empty: the bell is silent
+
+
+def _answer(broker: WorkerBroker, raws: list[bytes]) -> None:
+    from common.protocol import Reply, decode_request
+
+    broker.send([Outgoing(raw, Reply(decode_request(raw).id, True, result={})) for raw in raws], {})
+
+
+def _calls(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_answered_frames_leave_the_inflight_list_from_its_head_without_being_sent_back(
+    settings: Settings, r: redis.Redis
+) -> None:
+    keys = settings.keys
+    frames = [_frame(i) for i in range(6)]
+    r.rpush(keys.queue("resnet18"), *frames)
+    r.config_resetstat()
+    broker = _broker(settings)
+    raws = broker.take(6, 1.0)
+    _answer(broker, [raws[1], raws[2]])  # out of order: the oldest is still unanswered
+    assert r.lrange(keys.inflight("w1"), 0, -1) == frames
+    _answer(broker, [raws[0]])
+    assert r.lrange(keys.inflight("w1"), 0, -1) == frames[3:]
+    _answer(broker, raws[3:])
+    assert r.llen(keys.inflight("w1")) == 0
+    assert _calls(r, "lrem") == 0  # no frame went back to Redis to find it
+    for i in range(6):
+        assert decode_reply(r.lpop(keys.reply(f"req{i}"))).ok
+
+
+def test_a_list_changed_behind_the_worker_keeps_exactly_its_unanswered_frames(
+    settings: Settings, r: redis.Redis
+) -> None:
+    """A peer that believed this worker dead took its newest frame; the worker, alive, took more.
+    Trimming the number of frames it answered off the head would now drop one it has not."""
+    keys = settings.keys
+    frames = [_frame(i) for i in range(6)]
+    r.rpush(keys.queue("resnet18"), *frames[:4])
+    broker = _broker(settings)
+    raws = broker.take(4, 1.0)
+    assert r.lmove(keys.inflight("w1"), keys.inflight("peer"), "RIGHT", "RIGHT") == frames[3]
+    r.rpush(keys.queue("resnet18"), *frames[4:])
+    raws += broker.take(2, 1.0)
+    assert r.lrange(keys.inflight("w1"), 0, -1) == [*frames[:3], *frames[4:]]
+    _answer(broker, raws[:4])  # the peer's frame among them: answered twice, harmless
+    assert r.lrange(keys.inflight("w1"), 0, -1) == frames[4:]
+    _answer(broker, [raws[5]])  # by value from now on, in any order
+    assert r.lrange(keys.inflight("w1"), 0, -1) == [frames[4]]
+    _answer(broker, [raws[4]])
+    assert r.llen(keys.inflight("w1")) == 0
+
+
+def test_recovering_a_dead_peer_leaves_the_recovering_workers_own_list_alone(
+    settings: Settings, r: redis.Redis
+) -> None:
+    keys = settings.keys
+    mine = [_frame(i) for i in range(3)]
+    r.rpush(keys.queue("resnet18"), *mine)
+    r.config_resetstat()
+    broker = _broker(settings)
+    raws = broker.take(3, 1.0)
+    r.rpush(keys.inflight("dead"), _frame(7))  # a worker that never renews its registration
+    r.sadd(keys.workers(), "dead")
+    assert broker.recover_dead() == 1
+    assert r.lrange(keys.inflight("w1"), 0, -1) == mine
+    assert r.lrange(keys.queue("resnet18"), 0, -1) == [_frame(7)]
+    _answer(broker, raws)
+    assert r.llen(keys.inflight("w1")) == 0 and _calls(r, "lrem") == 1  # only the recovered frame's
