@@ -31,6 +31,7 @@ def main(port: int, redis_pid: str, batch: int) -> None:
     s = Settings(redis_url=f"redis://127.0.0.1:{port}/0", prefix=f"bc{os.getpid()}")
     r = redis.Redis(port=port)
     broker = WorkerBroker(connect(s, 2.0), s, "w")
+    broker.register({"model": "resnet18"})
     blob = os.urandom(89_000)
     ids = [f"id{i:06d}" for i in range(batch)]
     deadline = now_ms() + 600_000

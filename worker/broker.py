@@ -5,21 +5,22 @@ in-flight list, and leaves it only in the same pipeline that sends its reply: a 
 leaves its unanswered frames in Redis, where a peer or its successor puts them back.
 
 Frames leave the in-flight list without being sent back to Redis: the worker remembers the order
-in which its takes appended them, and once the oldest ones are all answered, trims them off the
-head (LTRIM), after a script has checked that the last of them is where the worker remembers it
-(by length and first bytes, which hold the request id). Only this worker pushes onto its list
-(a dead peer's frames pass through a recovering list of their own), and anyone else only pops
-from its tail, newest first (a peer that believes this worker dead): a frame gone from the
-remembered prefix shifts the ones after it, so the check fails. Then the list was changed behind
-the worker's back, and from then on every frame leaves by value (LREM, which sends the frame back:
-for a 90-150 KB frame more bytes than the rest of its reply, and Redis's CPU to read and compare
-them). A prefix of one or two frames leaves by value too, which is cheaper for Redis then.
+in which its takes appended them and, once the oldest ones are all answered, trims them off the
+head (LTRIM). Only the worker pushes onto its list (a dead peer's frames pass through a recovering
+list of their own); anyone else takes from it only when the worker's registration has expired (a
+peer recovering the frames of a worker it believes dead). So the trim runs in a small script that
+first checks the registration's ``epoch``, a random value the first registration set: a hash that
+expired and was created again holds another, and then the script trims nothing, and the worker
+removes every frame by value from then on (LREM, which sends the frame back: for a 90-150 KB frame
+more bytes than the rest of its reply, and Redis's CPU to read and compare them). A worker that
+never registered removes by value too.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,22 +36,15 @@ from common.queues import PRIORITIES, Taker
 logger = logging.getLogger(__name__)
 
 
-# KEYS: the in-flight list. ARGV: k, then the length and the first bytes of the k-th frame this
-# worker remembers. Trims the first k frames when the k-th is where it should be; returns 1 if it
-# trimmed, 0 if not (then nothing changed). One frame passes through Lua per trim, not per frame.
+# KEYS: the in-flight list, the worker's hash. ARGV: k, the epoch its first registration set.
+# Trims the first k frames while that registration has lived on; returns 1 if it trimmed, else 0.
 _TRIM_HEAD = """
-local k = tonumber(ARGV[1])
-local last = redis.call('LINDEX', KEYS[1], k - 1)
-if last and #last == tonumber(ARGV[2]) and string.sub(last, 1, #ARGV[3]) == ARGV[3] then
-  redis.call('LTRIM', KEYS[1], k, -1)
+if redis.call('HGET', KEYS[2], 'epoch') == ARGV[2] then
+  redis.call('LTRIM', KEYS[1], tonumber(ARGV[1]), -1)
   return 1
 end
 return 0
 """
-# Fewer answered frames than this at the head leave by value: a frame copied into Lua cost Redis
-# more CPU than reading one sent with LREM (docs/benchmarks.md).
-TRIM_MIN = 3
-HEAD_BYTES = 128  # a frame's first bytes hold its request id
 MAX_REMEMBERED = 8192  # answered frames waiting behind an unanswered one, at most (then: by value)
 # A dead peer's frames pass through a list of the recovering worker's own, never its in-flight
 # list, onto which only its own takes push (the module's docstring).
@@ -69,7 +63,7 @@ class _InFlight:
 
     order: deque[_Taken] = field(default_factory=deque)
     by_id: dict[int, _Taken] = field(default_factory=dict)  # id(raw) of the frames not yet answered
-    exact: bool = True  # False once a trim found the list changed: removal by value from then on
+    exact: bool = False  # True from the first registration until a trim finds it lapsed
 
 
 @dataclass(frozen=True)
@@ -93,6 +87,7 @@ class WorkerBroker:
         self._reply_ttl_ms = int(settings.reply_ttl_s * 1000)
         self._taker = Taker(r, self._keys, self._model, self._inflight)
         self._mine = _InFlight()
+        self._epoch = ""  # the first registration's (``_TRIM_HEAD``)
         self._mine_lock = threading.Lock()  # the picture (taker and repliers)
         self._send_lock = threading.Lock()  # one reply pipeline at a time, so trims reach Redis in order
 
@@ -125,14 +120,10 @@ class WorkerBroker:
                     pipe.rpush(key, encode_reply(o.reply))
                     pipe.pexpire(key, self._reply_ttl_ms)
             trimmed, by_value = self._answered([o.raw for o in outgoing])
-            if len(trimmed) < TRIM_MIN:  # at the head: LREM finds them first
-                by_value, trimmed = trimmed + by_value, []
             trim_at = len(pipe)
             if trimmed:
-                last = trimmed[-1]
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "EVAL", _TRIM_HEAD, 1, self._inflight, len(trimmed), len(last), last[:HEAD_BYTES]
-                )
+                keys = (self._inflight, self._worker_key)
+                pipe.execute_command("EVAL", _TRIM_HEAD, 2, *keys, len(trimmed), self._epoch)  # type: ignore[no-untyped-call]
             for raw in by_value:
                 pipe.lrem(self._inflight, 1, raw)  # type: ignore[arg-type]
             stats_key = self._keys.stats(self._model)
@@ -165,10 +156,9 @@ class WorkerBroker:
             return trimmed, by_value
 
     def _lost_track(self, trimmed: list[bytes]) -> None:
-        """The head of the in-flight list was not what this worker remembered (a peer took frames
-        while it was thought dead, say), or too many answered frames wait behind an unanswered
-        one: remove ``trimmed`` and every answered frame still remembered by value, and remove
-        every frame by value from now on."""
+        """This worker's registration lapsed (peers may have taken frames from its list), or too
+        many answered frames wait behind an unanswered one: remove ``trimmed`` and every answered
+        frame still remembered by value, and every frame by value from now on."""
         with self._mine_lock:
             waiting = [t.raw for t in self._mine.order if t.answered]
             self._mine = _InFlight(exact=False)
@@ -179,12 +169,19 @@ class WorkerBroker:
         pipe.execute()
 
     def register(self, fields: Mapping[str, str | int]) -> None:
-        """Create or renew this worker's hash with its TTL, and list it in the workers set."""
+        """Create or renew this worker's hash with its TTL, and list it in the workers set. A hash
+        created anew gets a fresh ``epoch``; the first one's lets this worker trim its in-flight list."""
+        epoch = uuid.uuid4().hex
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(self._worker_key, mapping=dict(fields))  # type: ignore[arg-type]
+        pipe.hsetnx(self._worker_key, "epoch", epoch)
         pipe.pexpire(self._worker_key, self._ttl_ms)
         pipe.sadd(self._keys.workers(), self._worker_id)
-        pipe.execute()
+        created = pipe.execute()[1]
+        if created and not self._epoch:
+            with self._mine_lock:
+                self._epoch = epoch
+                self._mine.exact = True
 
     def unregister(self) -> None:
         pipe = self._r.pipeline(transaction=True)

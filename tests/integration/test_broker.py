@@ -215,6 +215,7 @@ def test_answered_frames_leave_the_inflight_list_from_its_head_without_being_sen
     r.rpush(keys.queue("resnet18"), *frames)
     r.config_resetstat()
     broker = _broker(settings)
+    broker.register({"model": "resnet18"})
     raws = broker.take(6, 1.0)
     _answer(broker, [raws[1], raws[2]])  # out of order: the oldest is still unanswered
     assert r.lrange(keys.inflight("w1"), 0, -1) == frames
@@ -227,17 +228,21 @@ def test_answered_frames_leave_the_inflight_list_from_its_head_without_being_sen
         assert decode_reply(r.lpop(keys.reply(f"req{i}"))).ok
 
 
-def test_a_list_changed_behind_the_worker_keeps_exactly_its_unanswered_frames(
+def test_a_worker_whose_registration_lapsed_keeps_exactly_its_unanswered_frames_in_flight(
     settings: Settings, r: redis.Redis
 ) -> None:
-    """A peer that believed this worker dead took its newest frame; the worker, alive, took more.
-    Trimming the number of frames it answered off the head would now drop one it has not."""
+    """Its registration expired (a long stall), a peer took its newest frame, and it registered
+    again and took more: trimming as many frames as it answered off the head would now drop one
+    it has not answered."""
     keys = settings.keys
     frames = [_frame(i) for i in range(6)]
     r.rpush(keys.queue("resnet18"), *frames[:4])
     broker = _broker(settings)
+    broker.register({"model": "resnet18"})
     raws = broker.take(4, 1.0)
+    r.delete(keys.worker("w1"))  # expired
     assert r.lmove(keys.inflight("w1"), keys.inflight("peer"), "RIGHT", "RIGHT") == frames[3]
+    broker.register({"model": "resnet18"})  # its next heartbeat
     r.rpush(keys.queue("resnet18"), *frames[4:])
     raws += broker.take(2, 1.0)
     assert r.lrange(keys.inflight("w1"), 0, -1) == [*frames[:3], *frames[4:]]
@@ -257,11 +262,21 @@ def test_recovering_a_dead_peer_leaves_the_recovering_workers_own_list_alone(
     r.rpush(keys.queue("resnet18"), *mine)
     r.config_resetstat()
     broker = _broker(settings)
+    broker.register({"model": "resnet18"})
     raws = broker.take(3, 1.0)
     r.rpush(keys.inflight("dead"), _frame(7))  # a worker that never renews its registration
     r.sadd(keys.workers(), "dead")
+    seen = []  # where the frame is while it is being recovered
+    requeue = broker._requeue_or_expire
+
+    def watched(raw: bytes) -> None:
+        seen.append((r.lrange(keys.inflight("w1"), 0, -1), r.lrange(keys.inflight("w1~recovering"), 0, -1)))
+        requeue(raw)
+
+    broker._requeue_or_expire = watched  # type: ignore[method-assign]
     assert broker.recover_dead() == 1
-    assert r.lrange(keys.inflight("w1"), 0, -1) == mine
+    assert seen == [(mine, [_frame(7)])]  # never in the list whose head the worker trims
+    assert r.lrange(keys.inflight("w1"), 0, -1) == mine and r.llen(keys.inflight("w1~recovering")) == 0
     assert r.lrange(keys.queue("resnet18"), 0, -1) == [_frame(7)]
     _answer(broker, raws)
     assert r.llen(keys.inflight("w1")) == 0 and _calls(r, "lrem") == 1  # only the recovered frame's
