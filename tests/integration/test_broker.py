@@ -203,6 +203,15 @@ def _answer(broker: WorkerBroker, raws: list[bytes]) -> None:
     broker.send([Outgoing(raw, Reply(decode_request(raw).id, True, result={})) for raw in raws], {})
 
 
+def _registered_taking(settings: Settings, r: redis.Redis, frames: list[bytes]) -> tuple[WorkerBroker, list[bytes]]:
+    """A registered worker's broker that took ``frames`` (queued first); Redis's command counts reset."""
+    r.rpush(settings.keys.queue("resnet18"), *frames)
+    r.config_resetstat()
+    broker = _broker(settings)
+    broker.register({"model": "resnet18"})
+    return broker, broker.take(len(frames), 1.0)
+
+
 def _calls(r: redis.Redis, command: str) -> int:
     return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
 
@@ -212,11 +221,7 @@ def test_answered_frames_leave_the_inflight_list_from_its_head_without_being_sen
 ) -> None:
     keys = settings.keys
     frames = [_frame(i) for i in range(6)]
-    r.rpush(keys.queue("resnet18"), *frames)
-    r.config_resetstat()
-    broker = _broker(settings)
-    broker.register({"model": "resnet18"})
-    raws = broker.take(6, 1.0)
+    broker, raws = _registered_taking(settings, r, frames)
     _answer(broker, [raws[1], raws[2]])  # out of order: the oldest is still unanswered
     assert r.lrange(keys.inflight("w1"), 0, -1) == frames
     _answer(broker, [raws[0]])
@@ -236,10 +241,7 @@ def test_a_worker_whose_registration_lapsed_keeps_exactly_its_unanswered_frames_
     it has not answered."""
     keys = settings.keys
     frames = [_frame(i) for i in range(6)]
-    r.rpush(keys.queue("resnet18"), *frames[:4])
-    broker = _broker(settings)
-    broker.register({"model": "resnet18"})
-    raws = broker.take(4, 1.0)
+    broker, raws = _registered_taking(settings, r, frames[:4])
     r.delete(keys.worker("w1"))  # expired
     assert r.lmove(keys.inflight("w1"), keys.inflight("peer"), "RIGHT", "RIGHT") == frames[3]
     broker.register({"model": "resnet18"})  # its next heartbeat
@@ -259,11 +261,7 @@ def test_recovering_a_dead_peer_leaves_the_recovering_workers_own_list_alone(
 ) -> None:
     keys = settings.keys
     mine = [_frame(i) for i in range(3)]
-    r.rpush(keys.queue("resnet18"), *mine)
-    r.config_resetstat()
-    broker = _broker(settings)
-    broker.register({"model": "resnet18"})
-    raws = broker.take(3, 1.0)
+    broker, raws = _registered_taking(settings, r, mine)
     r.rpush(keys.inflight("dead"), _frame(7))  # a worker that never renews its registration
     r.sadd(keys.workers(), "dead")
     seen = []  # where the frame is while it is being recovered
