@@ -244,12 +244,16 @@ class Worker:
     def _prepare_together(self, items: list[_Item], counts: Counter[str], rejected: list[Outgoing]) -> list[_Item]:
         """``items`` with their inputs prepared in one call; if it fails, one by one, so that only
         the inputs at fault are answered with an error (into ``rejected``)."""
+        if not items:
+            return []
         try:
-            for it, x in zip(items, prepare_inputs(self.handler, [it.x for it in items]), strict=True):
+            xs = prepare_inputs(self.handler, [it.x for it in items])
+        except Exception:
+            xs = []
+        if len(xs) == len(items):
+            for it, x in zip(items, xs):
                 it.x = x
             return items
-        except Exception:
-            pass
         ok = []
         for it in items:
             got = self._prepared(it, counts)
