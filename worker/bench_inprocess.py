@@ -289,7 +289,7 @@ def format_report(r: InProcessResult) -> str:
     lines = [
         f"{r.model} on {r.device}, {r.dtype}, {layout}, {r.options}, {r.weights} weights; {r.cores} CPU cores",
         f"preprocessing of a {r.image_size[0]}x{r.image_size[1]} JPEG: API (Pillow, one core) "
-        f"{r.prep_api_ms:.2f} ms/img, worker ({_worker_path(r.device)}) {_ms(r.prep_worker_ms)}; the faster, "
+        f"{r.prep_api_ms:.2f} ms/img, worker ({_worker_path(r.device)}) {r.prep_worker_ms:.2f} ms/img; the faster, "
         f"{r.prep_ms:.2f} ms/img, counts below",
         "model = the handler's preprocess + forward + postprocess on a batch; "
         "with prep = one thread doing both, one after the other",
@@ -319,10 +319,6 @@ def format_report(r: InProcessResult) -> str:
 
 def _worker_path(device: str) -> str:
     return "torchvision, one core" if device == "cpu" else f"nvjpeg on the GPU, {GPU_PREP_BATCH} a call"
-
-
-def _ms(value: float) -> str:
-    return f"{value:.2f} ms/img" if value != float("inf") else "not timed"
 
 
 def config_from_args(args: argparse.Namespace) -> InProcessConfig:
