@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         # which on a CPU shared with the worker's own decoding, the API and Redis cost 20-30 % of
         # the served throughput (docs/benchmarks.md). Set it yourself to override.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if settings.instances != 1:  # a supervisor of worker processes, which never imports torch
+            from worker import instances
+
+            return instances.run(settings)
         from worker import main as worker_main
 
         return worker_main.run(settings)

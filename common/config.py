@@ -61,7 +61,11 @@ _HELP = {
     "compile": "torch.compile the model (inductor); every batch size the worker runs is compiled before it is ready",
     "cuda_graphs": "on CUDA, capture the forward pass as a CUDA graph per batch bucket at start-up and replay it "
     "(one launch instead of one per kernel: small batches stop being bound by the CPU issuing kernels)",
-    "metrics_port": "port of the worker's Prometheus /metrics (all interfaces; 0: off)",
+    "instances": "worker processes for this model on this device, each with its own copy of the model, taking "
+    "from the same queue (Triton's instance count): on a GPU one process's Python per request is the bound "
+    "long before the GPU is; on a CPU each gets an equal share of the cores unless --torch-threads is set",
+    "metrics_port": "port of the worker's Prometheus /metrics (all interfaces; 0: off; with --instances, "
+    "instance i serves it on this port + i)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 
@@ -76,7 +80,7 @@ WORKER_FLAGS = (
     "redis_url", "prefix", "model", "model_name", "weights", "device", "dtype", "max_batch_size",
     "window_ms", "preprocess", "batch_buckets", "heartbeat_s", "worker_ttl_s", "reply_ttl_s",
     "request_timeout_s", "torch_threads", "adaptive_threads", "lanes", "channels_last", "fuse", "compile",
-    "cuda_graphs", "metrics_port", "log_level",
+    "cuda_graphs", "instances", "metrics_port", "log_level",
 )  # fmt: skip
 
 
@@ -116,6 +120,7 @@ class Settings:
     fuse: bool = True
     compile: bool = False
     cuda_graphs: bool = False
+    instances: int = 1
     metrics_port: int = 0
     log_level: str = "INFO"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -17,6 +18,7 @@ from common.redisconn import connect
 from worker.batching import bucket_sizes
 from worker.graphs import use_cuda_graphs
 from worker.handler import Handler, allow_compiled_shapes, prepare_inputs
+from worker.instances import START_FAILED
 from worker.metrics import serve as serve_metrics
 from worker.registry import load_handler
 from worker.runner import BLOCK_S, Worker, batch_buckets
@@ -35,6 +37,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(settings: Settings) -> int:
+    """Serve until signalled; ``START_FAILED`` where the worker could not start (``--instances``
+    starts no instance again after that)."""
+    try:
+        worker = start(settings)
+    except SystemExit as exc:
+        if not exc.code:
+            raise
+        print(exc.code, file=sys.stderr)
+        return START_FAILED
+    except Exception:
+        logger.exception("the worker could not start")
+        return START_FAILED
+    return worker.run()
+
+
+def start(settings: Settings) -> Worker:
+    """Load and warm up the model, register signal handlers: a worker ready to ``run``."""
     if settings.max_batch_size < 1:
         raise SystemExit("--max-batch-size must be at least 1")
     if settings.preprocess not in ("auto", "api", "worker"):
@@ -71,7 +90,7 @@ def run(settings: Settings) -> int:
     if settings.metrics_port:
         serve_metrics(settings, worker.id)
     worker.install_signal_handlers()
-    return worker.run()
+    return worker
 
 
 # The forward pass must cost at least this many times an image's preprocessing per image (one

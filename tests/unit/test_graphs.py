@@ -19,6 +19,7 @@ from common.protocol import TensorData
 from worker import main as worker_main
 from worker.graphs import Forward, GraphedForward, use_cuda_graphs
 from worker.handler import IMAGENET_SPEC, ModuleHandler
+from worker.instances import START_FAILED
 
 
 def _net() -> torch.nn.Module:
@@ -110,12 +111,16 @@ def test_a_batch_without_a_graph_runs_eagerly(caplog: pytest.LogCaptureFixture) 
         ({"device": "cuda", "compile": True}, "--compile"),
     ],
 )
-def test_the_worker_refuses_cuda_graphs_where_they_cannot_apply(overrides: dict[str, Any], why: str) -> None:
+def test_the_worker_refuses_cuda_graphs_where_they_cannot_apply(
+    overrides: dict[str, Any], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     if overrides["device"] == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA: without it the device check comes first")
     settings = Settings(weights="random", model="resnet18", cuda_graphs=True, **overrides)
     with pytest.raises(SystemExit, match=why):
-        worker_main.run(settings)  # before any model is loaded or Redis reached
+        worker_main.start(settings)  # before any model is loaded or Redis reached
+    assert worker_main.run(settings) == START_FAILED  # the status --instances does not restart after
+    assert why in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
