@@ -11,7 +11,8 @@
 #   DEVICE=cpu MODEL=mobilenet_v3_small DTYPE=float32 CLIENTS="8" SECONDS_PER_LEVEL=3 API_WORKERS=1 bash bench/gpu_check.sh
 # Knobs: MODES="api worker" (empty: neither, only the graph run), GRAPHS=1 (the graph runs too), CLIENTS="64 256", BENCH_PROCS=2 (client processes), API_WORKERS=10,
 # SKIP_INPROC=1, PROFILE=1 (py-spy raw stacks of the worker and one API process, if py-spy is there),
-# REDIS_ARGS="--io-threads 4" (more redis-server options).
+# REDIS_ARGS="--io-threads 4" (more redis-server options), INSTANCES=3 (a run with --instances N,
+# N worker processes on the one GPU, with --cuda-graphs when GRAPHS=1; 0 or 1: no such run).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -53,8 +54,8 @@ RPID=$!
 pids+=("$RPID")
 export REDBATCH_REDIS_URL=redis://127.0.0.1:$PORT/0 REDBATCH_REQUEST_TIMEOUT_S=30 REDBATCH_MAX_QUEUE_LENGTH=4096
 
-served() {  # preprocess mode (api | worker), [name, extra worker flags]
-  local prep=$1 mode=${2:-$1} extra=${3:-} prefix="gpu${2:-$1}"
+served() {  # preprocess mode (api | worker), [name, extra worker flags, worker processes]
+  local prep=$1 mode=${2:-$1} extra=${3:-} procs=${4:-1} prefix="gpu${2:-$1}"
   # shellcheck disable=SC2086
   REDBATCH_PREFIX=$prefix $RB worker --model "$MODEL" --weights random --device "$DEVICE" --dtype "$DTYPE" \
     --max-batch-size "$MAX_BATCH" --window-ms 2 --preprocess "$prep" $extra >"$OUT/worker-$mode.log" 2>&1 &
@@ -72,6 +73,12 @@ served() {  # preprocess mode (api | worker), [name, extra worker flags]
     fi
     sleep 0.5
   done
+  for _ in $(seq 1 240); do  # every instance registered (the API is ready with the first)
+    [ "$(redis-cli -p "$PORT" --scan --pattern "$prefix:worker:*" | wc -l)" -ge "$procs" ] && break
+    sleep 0.5
+  done
+  local wpids="$wpid"
+  [ "$procs" -gt 1 ] && wpids="$wpid,$(pgrep -P "$wpid" | paste -sd,)"
   for c in $CLIENTS; do
     echo "== served, preprocess=$mode, $c clients in $BENCH_PROCS client processes" | tee -a "$OUT/summary.txt"
     local per=$((c / BENCH_PROCS)) bp=()
@@ -83,7 +90,7 @@ served() {  # preprocess mode (api | worker), [name, extra worker flags]
     # mid-run: the cores each process group keeps busy, the GPU's busy share (nvidia-smi: the time
     # some kernel ran) and, with PROFILE=1, py-spy stacks of the worker and one API process
     sleep 4
-    local span=$((SECONDS_PER_LEVEL - 3)) groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpid" "redis=$RPID"
+    local span=$((SECONDS_PER_LEVEL - 3)) groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpids" "redis=$RPID"
       "bench=$(IFS=,; echo "${bp[*]}")")
     $PY bench/proc_cpu.py snap "$OUT/cpu0.json" "${groups[@]}"
     local smi=""
@@ -92,7 +99,7 @@ served() {  # preprocess mode (api | worker), [name, extra worker flags]
       smi=$!
     fi
     if [ -n "${PROFILE:-}" ] && command -v py-spy >/dev/null; then
-      py-spy record -d "$span" -r 40 --nonblocking --format raw -o "$OUT/prof-worker-$mode-$c.txt" --pid "$wpid" >/dev/null 2>&1 &
+      py-spy record -d "$span" -r 40 --nonblocking --format raw -o "$OUT/prof-worker-$mode-$c.txt" --pid "${wpids##*,}" >/dev/null 2>&1 &
       py-spy record -d "$span" -r 40 --nonblocking --format raw -o "$OUT/prof-api-$mode-$c.txt" \
         --pid "$(pgrep -P "$apid" | head -1)" >/dev/null 2>&1 &
     fi
@@ -112,4 +119,9 @@ served() {  # preprocess mode (api | worker), [name, extra worker flags]
 
 for mode in ${MODES-api worker}; do served "$mode"; done
 [ "$GRAPHS" = 1 ] && served worker worker-graphs --cuda-graphs
+INSTANCES=${INSTANCES:-3}
+if [ "$INSTANCES" -gt 1 ]; then
+  graphs=""; [ "$GRAPHS" = 1 ] && graphs=" --cuda-graphs"
+  served worker "worker-x$INSTANCES${graphs:+-graphs}" "--instances $INSTANCES$graphs" "$INSTANCES"
+fi
 echo "== done" | tee -a "$OUT/summary.txt"
