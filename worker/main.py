@@ -7,6 +7,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -63,6 +64,8 @@ def start(settings: Settings) -> Worker:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
+    if (warning := emulated_dtype_warning(device, settings.dtype)) is not None:
+        logger.warning(warning)
     if settings.cuda_graphs:
         check_cuda_graphs(device, settings.compile, settings.batch_buckets)
     try:
@@ -122,6 +125,28 @@ def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None
     if settings.lanes:
         return settings.lanes
     return torch.get_num_threads() if plan is not None and forward_ratio >= LANE_FORWARD_RATIO else 1
+
+
+def emulated_dtype_warning(device: torch.device, dtype: str, native: Callable[[str], bool] | None = None) -> str | None:
+    """What to tell a user who asked for a half-precision ``dtype`` on a CPU that has no instructions
+    for it (oneDNN's own check, or ``native``): torch then emulates it, far slower than float32."""
+    if device.type != "cpu" or dtype not in ("bfloat16", "float16"):
+        return None
+    if (native or _onednn_native)(dtype):
+        return None
+    return (
+        f"--dtype {dtype} on a CPU without {dtype} instructions ({torch.backends.cpu.get_cpu_capability()}): "
+        "torch emulates it, several times slower than float32 (resnet18 ran 6.8x slower on an AVX2 CPU, "
+        "docs/benchmarks.md); float32 is the faster choice here"
+    )
+
+
+def _onednn_native(dtype: str) -> bool:
+    probe = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return True  # no way to tell: say nothing
 
 
 def check_cuda_graphs(device: torch.device, compile_: bool, batch_buckets: str = "auto") -> None:

@@ -102,3 +102,19 @@ def test_lanes_default_to_one_per_torch_thread_for_a_heavy_model_on_a_cpu_and_to
     for bad, dev in ((Settings(lanes=2, compile=True), cpu), (Settings(lanes=2), cuda), (Settings(lanes=-1), cpu)):
         with pytest.raises(SystemExit, match="--lanes"):
             lane_count(bad, dev, plan, heavy)
+
+
+def test_half_precision_on_a_cpu_without_its_instructions_is_warned_about_and_nothing_else() -> None:
+    torch = pytest.importorskip("torch")
+    from worker.main import emulated_dtype_warning
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    none_native, all_native = (lambda _d: False), (lambda _d: True)
+    for dtype in ("bfloat16", "float16"):
+        warning = emulated_dtype_warning(cpu, dtype, none_native)
+        assert warning is not None and f"--dtype {dtype}" in warning and "float32" in warning
+        assert emulated_dtype_warning(cpu, dtype, all_native) is None  # AVX512-BF16, AMX: the fast choice
+        assert emulated_dtype_warning(cuda, dtype, none_native) is None  # a GPU's own matter
+    assert emulated_dtype_warning(cpu, "float32", none_native) is None
+    # this machine's own answer, through oneDNN: a warning exactly where oneDNN has no bfloat16
+    assert (emulated_dtype_warning(cpu, "bfloat16") is None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
