@@ -54,7 +54,7 @@ _HELP = {
     "lanes": "forward passes that may run at once on a CPU, each on one torch thread while another runs; "
     "a second starts only with a full batch; a pass with the others idle and nothing waiting behind it "
     "runs on the thread plan's count "
-    "(0: auto: one per torch thread where the forward pass costs at least 3x a JPEG's preprocessing per "
+    "(0: auto: one per torch thread where the forward pass costs at least 2x a JPEG's preprocessing per "
     "image, both timed at start-up on one thread; else 1, and 1 on CUDA or with --compile)",
     "channels_last": "run the model in channels_last memory format",
     "fuse": "fold each BatchNorm into the convolution before it (inference only; same answers, fewer passes)",

@@ -88,7 +88,7 @@ def start(settings: Settings) -> Worker:
     if plan is not None:
         logger.info("%d lane(s): the forward pass costs %.1fx a JPEG's preprocessing per image", lanes, ratio)
     if lanes > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        logger.info("a heavy model: OMP_WAIT_POLICY=ACTIVE answers a lone request sooner at the same load (README)")
+        logger.info("lanes: for a heavy model (resnet18) OMP_WAIT_POLICY=ACTIVE answers a lone request sooner (README)")
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S), plan, lanes)
     if settings.metrics_port:
         serve_metrics(settings, worker.id)
@@ -97,12 +97,14 @@ def start(settings: Settings) -> Worker:
 
 
 # The forward pass must cost at least this many times an image's preprocessing per image (one
-# thread each), i.e. be at least three quarters of an image's CPU, for a second lane to pay. Measured
+# thread each), i.e. be at least two thirds of an image's CPU, for a second lane to pay. Measured
 # on 2 cores (docs/benchmarks.md): resnet18 in bfloat16 on AMX reads 4.9-5.9 and serves 38 % more with
 # two lanes (its passes spread badly over two threads: 65.5 ms for 8 images on one, 49.0 on two);
-# float32 reads 15-27 (+6 %); mobilenet_v3_small reads 1.3-1.9 and loses 3 % (its preprocessing keeps
-# the other core busy); at --max-batch-size 1 it reads 3.8-4.4 and two lanes serve the same.
-LANE_FORWARD_RATIO = 3.0
+# float32 reads 15-27 (+6 %); mobilenet_v3_small reads 1.3-1.9 on an AVX-512 EPYC and loses 3-4 %
+# (its preprocessing keeps the other core busy), but 1.9-2.4 on an AVX2 EPYC, where one lane's
+# one-thread passes were the bound with 6 % of the two cores idle, and two lanes served 5 % more; at
+# --max-batch-size 1 it reads 3.8-4.4 and two lanes serve the same.
+LANE_FORWARD_RATIO = 2.0
 
 
 def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None, forward_ratio: float) -> int:
@@ -112,8 +114,9 @@ def lane_count(settings: Settings, device: torch.device, plan: ThreadPlan | None
     forward pass's time per image over a JPEG's preprocessing, one thread each) is at least
     ``LANE_FORWARD_RATIO``: the model's passes then fill every core, and passes side by side on one
     thread each lose nothing at barriers (resnet18 here, ratio 15-27 in float32: +6 % served at 64
-    clients; 5-6 in bfloat16 on AMX: +38 %). A light model's preprocessing keeps a core busy
-    (mobilenet_v3_small, ratio 1.3-1.9): a second lane only took CPU from it (-3 %), so one. One
+    clients; 5-6 in bfloat16 on AMX: +38 %; mobilenet_v3_small on an AVX2 CPU, 1.9-2.4: +5 %). A
+    lighter model's preprocessing keeps a core busy (mobilenet_v3_small on an AVX-512 CPU, ratio
+    1.3-1.9): a second lane only took CPU from it (-3 %), so one. One
     lane on CUDA (one stream orders the work anyway) and with ``--compile`` (compiled graphs are not
     run from several threads)."""
     if settings.lanes < 0:

@@ -94,6 +94,7 @@ def test_lanes_default_to_one_per_torch_thread_for_a_heavy_model_on_a_cpu_and_to
     assert lane_count(Settings(), cpu, plan, 5.0) == threads  # resnet18 in bfloat16 on AMX: +38 % with lanes
     assert lane_count(Settings(), cpu, plan, LANE_FORWARD_RATIO) == threads
     assert lane_count(Settings(), cpu, plan, light) == 1
+    assert lane_count(Settings(), cpu, plan, 2.2) == threads  # mobilenet_v3_small on an AVX2 CPU: +5 %
     assert lane_count(Settings(), cpu, None, heavy) == 1  # no plan: --no-adaptive-threads, or one thread
     assert lane_count(Settings(lanes=3), cpu, plan, light) == 3
     assert lane_count(Settings(lanes=1), cpu, plan, heavy) == 1
