@@ -8,8 +8,8 @@ cropping, replying) is the bound long before the GPU is (docs/benchmarks.md: one
 kept the GPU 40-49 % busy), and N processes issue work to the GPU side by side.
 
 This process imports no torch. It starts the instances, each in a session of its own so that a
-terminal's Ctrl-C reaches only it, and hands every SIGTERM or SIGINT on to them once (a worker
-finishes its batch and exits; a second signal would make it exit at once). An instance that exits
+terminal's Ctrl-C reaches only it, and hands a SIGTERM or SIGINT on to them once (a worker
+finishes its batch and exits), a second one too (a worker then exits at once). An instance that exits
 with ``START_FAILED`` (bad options, a model that does not load) stops them all: starting it again
 would fail again. One that dies later (a crash, the OOM killer) is started again, its unanswered
 frames recovered by the others once its registration lapses; one that keeps dying within
@@ -75,6 +75,9 @@ def run(settings: Settings) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if not stopping:
             logger.info("signal %d: stopping %d instance(s) after their current batches", signum, len(instances))
+        else:  # a second signal: each instance, signalled a second time, exits at once
+            logger.warning("second signal: the instances exit at once")
+            _signal_live(instances)
         stopping.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -113,11 +116,17 @@ def _crash_looping(inst: Instance) -> bool:
     return inst.quick_deaths >= 2
 
 
-def _stop(instances: list[Instance]) -> None:
-    """SIGTERM once to every live instance, then wait for all; SIGKILL what is left after the grace."""
+def _signal_live(instances: list[Instance]) -> list[subprocess.Popen[bytes]]:
+    """SIGTERM to every instance still running; those instances."""
     live = [i.proc for i in instances if i.proc is not None and i.proc.poll() is None]
     for p in live:
         p.send_signal(signal.SIGTERM)
+    return live
+
+
+def _stop(instances: list[Instance]) -> None:
+    """SIGTERM once to every live instance, then wait for all; SIGKILL what is left after the grace."""
+    live = _signal_live(instances)
     deadline = time.monotonic() + STOP_GRACE_S
     for p in live:
         try:
