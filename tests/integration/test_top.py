@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 
 import redis
+from flask.testing import FlaskClient
 
 from api.app import create_app
 from common.config import Settings
@@ -24,8 +25,7 @@ def _row(screen: str, first: str) -> list[str]:
     return rows[0]
 
 
-def _traffic(settings: Settings, stop: threading.Event, done: list[int]) -> None:
-    client = create_app(settings.replace(request_timeout_s=5.0)).test_client()
+def _traffic(client: FlaskClient, stop: threading.Event, done: list[int]) -> None:
     image = make_image(3)
     while not stop.is_set():
         resp = client.post("/v1/models/tiny/predict", data=image, headers={"Content-Type": "image/jpeg"})
@@ -40,7 +40,11 @@ def test_top_once_shows_the_worker_queues_and_request_rate(
     r.rpush(settings.keys.queue("unserved"), b"a", b"b", b"c")  # nobody takes these
 
     stop, done = threading.Event(), list[int]()
-    clients = [threading.Thread(target=_traffic, args=(settings, stop, done)) for _ in range(4)]
+    # The apps are made here, one after the other: werkzeug compiles their routes with ast.parse,
+    # which CPython 3.11 does not run safely from several threads at once ("AST constructor
+    # recursion depth mismatch", seen once in CI, which killed a client thread).
+    apps = [create_app(settings.replace(request_timeout_s=5.0)).test_client() for _ in range(4)]
+    clients = [threading.Thread(target=_traffic, args=(app, stop, done)) for app in apps]
     for t in clients:
         t.start()
     out = io.StringIO()
