@@ -65,7 +65,7 @@ _HELP = {
     "from the same queue (Triton's instance count): on a GPU one process's Python per request is the bound "
     "long before the GPU is; on a CPU each gets an equal share of the cores unless --torch-threads is set",
     "metrics_port": "port of the worker's Prometheus /metrics (all interfaces; 0: off; with --instances, "
-    "instance i serves it on this port + i)",
+    "every instance's metrics added up)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

@@ -13,7 +13,8 @@ finishes its batch and exits), a second one too (a worker then exits at once). A
 with ``START_FAILED`` (bad options, a model that does not load) stops them all: starting it again
 would fail again. One that dies later (a crash, the OOM killer) is started again, its unanswered
 frames recovered by the others once its registration lapses; one that keeps dying within
-``CRASH_WINDOW_S`` of its start stops them all.
+``CRASH_WINDOW_S`` of its start stops them all. With ``--metrics-port`` this process serves the
+instances' metrics added up (prometheus_client's multiprocess mode, ``worker/metrics.py``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from types import FrameType
+
+from prometheus_client import multiprocess
 
 from common.config import Settings
 from common.up import child_env
@@ -36,6 +41,7 @@ logger = logging.getLogger(__name__)
 START_FAILED = 3  # the exit status of a worker that could not start (gunicorn's WORKER_BOOT_ERROR)
 CRASH_WINDOW_S = 60.0  # an instance that dies this soon after its start, twice in a row, is not restarted
 STOP_GRACE_S = 30.0  # how long the instances have to finish their batches after a signal
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -53,14 +59,12 @@ class Instance:
         logger.info("instance %d started (pid %d)", self.index, self.proc.pid)
 
 
-def instance_settings(settings: Settings, index: int, cpus: int) -> Settings:
-    """What instance ``index`` of ``settings.instances`` runs with: one instance, its own metrics port
-    (``--metrics-port`` + index) and, unless ``--torch-threads`` is set, an equal share of the CPUs."""
-    n = settings.instances
+def instance_settings(settings: Settings, cpus: int) -> Settings:
+    """What each instance of ``settings.instances`` runs with: one instance, no metrics port of its
+    own (the supervisor serves them all) and, unless ``--torch-threads`` is set, an equal share of
+    the CPUs."""
     return settings.replace(
-        instances=1,
-        metrics_port=settings.metrics_port + index if settings.metrics_port else 0,
-        torch_threads=settings.torch_threads or max(1, cpus // n),
+        instances=1, metrics_port=0, torch_threads=settings.torch_threads or max(1, cpus // settings.instances)
     )
 
 
@@ -69,7 +73,20 @@ def run(settings: Settings) -> int:
     if settings.instances < 1:
         raise SystemExit("--instances must be at least 1")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    instances = [Instance(i, child_env(instance_settings(settings, i, cpus))) for i in range(settings.instances)]
+    env = child_env(instance_settings(settings, cpus))
+    metrics_dir = ""
+    if settings.metrics_port:  # the instances write their values there; this process serves their sum
+        metrics_dir = tempfile.mkdtemp(prefix="redbatch-instances-metrics-")
+        env[MULTIPROC_ENV] = metrics_dir
+    instances = [Instance(i, env) for i in range(settings.instances)]
+    try:
+        return _supervise(settings, instances, metrics_dir)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(settings: Settings, instances: list[Instance], metrics_dir: str) -> int:
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -85,6 +102,10 @@ def run(settings: Settings) -> int:
     logger.info("starting %d instances of %s", len(instances), settings.served_name)
     for inst in instances:
         inst.start()
+    if metrics_dir:
+        from worker.metrics import serve_instances
+
+        serve_instances(settings, metrics_dir, lambda: {i.proc.pid for i in instances if i.proc is not None})
     status = 0
     while not stopping:
         for inst in instances:
@@ -92,6 +113,8 @@ def run(settings: Settings) -> int:
             code = inst.proc.poll()
             if code is None:
                 continue
+            if metrics_dir:  # its live gauges leave the sum
+                multiprocess.mark_process_dead(inst.proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
             if code == START_FAILED:
                 logger.error("instance %d could not start (status %d); stopping the others", inst.index, code)
                 status = code

@@ -1,6 +1,8 @@
 """The worker's Prometheus metrics, served on its own port (``--metrics-port``).
 
-A worker is one process, so the default registry is the right one. Counts are observed once per
+A worker is one process, so the default registry is the right one; ``--instances`` (several
+worker processes under one supervisor) uses prometheus_client's multiprocess mode instead, and the
+supervisor serves their sum (``serve_instances``). Counts are observed once per
 forward pass (queue time once per item); the queue length and in-flight gauges are read from Redis
 at scrape time, so they are true even while the model is busy. Every metric is labelled by model.
 ``redbatch_inference_count_total / redbatch_execution_count_total`` is the mean batch size, as
@@ -10,10 +12,20 @@ Triton's ``nv_inference_count / nv_inference_exec_count``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import redis
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -43,7 +55,13 @@ INFERENCES = Counter("redbatch_inference_count", "Items answered by a successful
 EXECUTIONS = Counter("redbatch_execution_count", "Successful forward passes (batches)", ["model"])
 EXPIRED = Counter("redbatch_expired", "Requests skipped because their deadline passed before the model", ["model"])
 ERRORS = Counter("redbatch_errors", "Requests answered with an error (bad frame or input, model failure)", ["model"])
-UP = Gauge("redbatch_worker_up", "1 while the worker takes requests, 0 once it stops taking them", ["model"])
+# livesum: under ``--instances`` (one metrics port for all, below) the number of live instances taking requests
+UP = Gauge(
+    "redbatch_worker_up",
+    "1 while the worker takes requests, 0 once it stops taking them",
+    ["model"],
+    multiprocess_mode="livesum",
+)
 
 
 class WorkerMetrics:
@@ -78,9 +96,12 @@ class WorkerMetrics:
 
 class RedisGauges:
     """``redbatch_queue_length{model,priority}`` and ``redbatch_inflight_requests{model}``, read with
-    LLEN at scrape time. ``queues`` maps each priority to its list; ``inflight`` is this worker's list."""
+    LLEN at scrape time. ``queues`` maps each priority to its list; ``inflight`` gives this worker's
+    in-flight lists (one; under ``--instances``, every instance's), summed."""
 
-    def __init__(self, r: redis.Redis, model: str, queues: Mapping[str, str], inflight: str) -> None:
+    def __init__(
+        self, r: redis.Redis, model: str, queues: Mapping[str, str], inflight: Callable[[redis.Redis], list[str]]
+    ) -> None:
         self._r = r
         self._model = model
         self._queues = dict(queues)
@@ -91,8 +112,9 @@ class RedisGauges:
 
     def collect(self) -> Iterable[Metric]:
         try:
+            inflight = self._inflight(self._r)
             with self._r.pipeline(transaction=False) as pipe:
-                for key in [*self._queues.values(), self._inflight]:
+                for key in [*self._queues.values(), *inflight]:
                     pipe.llen(key)
                 lengths: list[int] = pipe.execute()
         except redis.RedisError as exc:  # the scrape still shows the process's own metrics
@@ -110,7 +132,7 @@ class RedisGauges:
         if lengths:
             for priority, n in zip(self._queues, lengths):
                 queue.add_metric([self._model, priority], n)
-            inflight.add_metric([self._model], lengths[-1])
+            inflight.add_metric([self._model], sum(lengths[len(self._queues) :]))
         return [queue, inflight]
 
 
@@ -118,16 +140,38 @@ def serve(settings: Settings, worker_id: str) -> None:
     """Serve ``/metrics`` (the default registry plus the Redis gauges) on ``settings.metrics_port``,
     all interfaces. The gauges get a client of their own that fails fast and never retries, so a
     scrape during a Redis outage still answers, within Prometheus's scrape timeout."""
+    inflight = [settings.keys.inflight(worker_id)]
+    _serve(settings, REGISTRY, lambda _r: inflight)
+
+
+def serve_instances(settings: Settings, multiproc_dir: str, instance_pids: Callable[[], set[int]]) -> None:
+    """``/metrics`` of ``--instances`` on ``settings.metrics_port``, served by their supervisor: the
+    instances write their values into ``multiproc_dir`` (prometheus_client's multiprocess mode) and a
+    scrape adds them up, with the queue lengths and every live instance's in-flight list from Redis.
+    The instances are the registered workers of this host whose pid is in ``instance_pids()``."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+    keys, host = settings.keys, socket.gethostname()
+
+    def inflight(r: redis.Redis) -> list[str]:
+        pids = {f"{host}-{pid}-" for pid in instance_pids()}
+        ids = (m.decode() for m in r.smembers(keys.workers()))  # type: ignore[union-attr]
+        return [keys.inflight(i) for i in ids if i[: i.rfind("-") + 1] in pids]
+
+    _serve(settings, registry, inflight)
+
+
+def _serve(settings: Settings, registry: CollectorRegistry, inflight: Callable[[redis.Redis], list[str]]) -> None:
     r = redis.Redis.from_url(
         settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
     )
-    keys, model = settings.keys, settings.served_name
-    queues = {p: keys.queue(model, p) for p in PRIORITIES}
-    REGISTRY.register(RedisGauges(r, model, queues, keys.inflight(worker_id)))
+    model = settings.served_name
+    queues = {p: settings.keys.queue(model, p) for p in PRIORITIES}
+    registry.register(RedisGauges(r, model, queues, inflight))
     # No *_created series beside every counter and histogram: noise for this process's scrapes.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
-        start_http_server(settings.metrics_port)
+        start_http_server(settings.metrics_port, registry=registry)
     except OSError as exc:
         raise SystemExit(f"--metrics-port {settings.metrics_port}: {exc}") from None
     logger.info("metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import RedisServer, make_image
-from tests.e2e.conftest import ROOT, Service
+from tests.conftest import RedisServer, free_port, make_image
+from tests.e2e.conftest import ARCH, ROOT, Service
 from tests.e2e.load import Load
 from tests.e2e.test_e2e import reference_scores
 from tests.e2e.test_faults import FAST_FAILOVER, TIMEOUT_ENV, _check_answers
+from tests.e2e.test_metrics_e2e import scrape, value
 
 pytestmark = pytest.mark.e2e
 
@@ -41,12 +42,23 @@ def test_instances_share_the_queue_a_killed_one_is_replaced_and_sigterm_stops_th
     images = [make_image(700 + i, (320, 240)) for i in range(16)]
     reference = reference_scores(weights_file, images)
     r = redis.Redis.from_url(redis_server.url)
-    svc = Service(redis_server.url, weights_file, tmp_path, env=TIMEOUT_ENV, **FAST_FAILOVER, **{"--instances": "2"})
-    supervisor = svc.worker
+    port = free_port()
+    flags = {**FAST_FAILOVER, "--instances": "2", "--metrics-port": str(port)}
+    svc = Service(redis_server.url, weights_file, tmp_path, env=TIMEOUT_ENV, **flags)
+    supervisor, metrics_url = svc.worker, f"http://127.0.0.1:{port}/metrics"
     try:
         svc.wait_ready(workers=2)
         first = _instance_pids(r, svc.prefix)
         assert len(first) == 2 and supervisor.pid not in first  # two processes, neither the supervisor
+
+        # One metrics port for both: their counts added up, as each instance's own counters in Redis say
+        _check_answers(Load(svc.predict_url(), images, requests_per_client=4).run_in_background()(), reference)
+        items = [int(r.hget(k, "items") or 0) for k in r.scan_iter(match=f"{svc.prefix}:worker:*")]
+        assert sorted(items)[0] > 0 and sum(items) == 16 * 4  # both instances answered some
+        m = scrape(metrics_url)
+        assert value(m, "redbatch_inference_count_total", model=ARCH) == 16 * 4
+        assert value(m, "redbatch_worker_up", model=ARCH) == 2
+        assert value(m, "redbatch_inflight_requests", model=ARCH) == 0
 
         load = Load(svc.predict_url(), images, requests_per_client=12)
         finish = load.run_in_background()
@@ -72,6 +84,8 @@ def test_instances_share_the_queue_a_killed_one_is_replaced_and_sigterm_stops_th
             time.sleep(0.2)
         live = {p for p in _instance_pids(r, svc.prefix) if _alive(p)}
         assert len(live) == 2 and victim not in live
+        time.sleep(1.0)  # the new instance sets its gauge a Redis round trip after it registers
+        assert value(scrape(metrics_url), "redbatch_worker_up", model=ARCH) == 2  # the dead one left the sum
 
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(60) == 0

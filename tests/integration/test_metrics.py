@@ -150,11 +150,13 @@ def test_queue_length_and_in_flight_gauges_are_read_from_redis(settings: Setting
     r.rpush(queues["low"], b"d")
     r.rpush(keys.inflight("w1"), b"e", b"f")
     registry = CollectorRegistry()
-    registry.register(RedisGauges(r, model, queues, keys.inflight("w1")))
+    registry.register(RedisGauges(r, model, queues, lambda _r: [keys.inflight("w1")]))
     m = scrape(generate_latest(registry).decode())
     assert value(m, "redbatch_queue_length", model=model, priority="normal") == 3
     assert value(m, "redbatch_queue_length", model=model, priority="low") == 1
     assert value(m, "redbatch_queue_length", model=model, priority="high") == 0
     assert value(m, "redbatch_inflight_requests", model=model) == 2
-    down = RedisGauges(redis.Redis(port=1, retry=Retry(NoBackoff(), 0)), model, queues, keys.inflight("w1"))
+    down = RedisGauges(
+        redis.Redis(port=1, retry=Retry(NoBackoff(), 0)), model, queues, lambda _r: [keys.inflight("w1")]
+    )
     assert list(down.collect()) == []  # a scrape during an outage still answers, without these two
