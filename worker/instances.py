@@ -99,39 +99,42 @@ def _supervise(settings: Settings, instances: list[Instance], metrics_dir: str) 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    logger.info("starting %d instances of %s", len(instances), settings.served_name)
-    for inst in instances:
-        inst.start()
-    if metrics_dir:
+    if metrics_dir:  # before any instance starts: a port in use stops nothing but this process
         from worker.metrics import serve_instances
 
         serve_instances(settings, metrics_dir, lambda: {i.proc.pid for i in instances if i.proc is not None})
+    logger.info("starting %d instances of %s", len(instances), settings.served_name)
+    for inst in instances:
+        inst.start()
     status = 0
-    while not stopping:
+    while not stopping and not status:
         for inst in instances:
-            assert inst.proc is not None
-            code = inst.proc.poll()
-            if code is None:
-                continue
-            if metrics_dir:  # its live gauges leave the sum
-                multiprocess.mark_process_dead(inst.proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
-            if code == START_FAILED:
-                logger.error("instance %d could not start (status %d); stopping the others", inst.index, code)
-                status = code
-            elif _crash_looping(inst):
-                logger.error("instance %d exited with status %d twice within %.0fs of its start; stopping",
-                             inst.index, code, CRASH_WINDOW_S)  # fmt: skip
-                status = 1
-            else:
-                logger.warning("instance %d exited with status %d; starting it again", inst.index, code)
-                inst.start()
-            if status:
+            if status := _tend(inst, metrics_dir):
                 break
-        if status:
-            break
-        time.sleep(0.5)  # supervision of processes, not of work
+        else:
+            time.sleep(0.5)  # supervision of processes, not of work
     _stop(instances)
     return status
+
+
+def _tend(inst: Instance, metrics_dir: str) -> int:
+    """Start ``inst`` again if it died while serving; 0, or the status to stop everything with."""
+    assert inst.proc is not None
+    code = inst.proc.poll()
+    if code is None:
+        return 0
+    if metrics_dir:  # its live gauges leave the sum
+        multiprocess.mark_process_dead(inst.proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+    if code == START_FAILED:
+        logger.error("instance %d could not start (status %d); stopping the others", inst.index, code)
+        return code
+    if _crash_looping(inst):
+        logger.error("instance %d exited with status %d twice within %.0fs of its start; stopping",
+                     inst.index, code, CRASH_WINDOW_S)  # fmt: skip
+        return 1
+    logger.warning("instance %d exited with status %d; starting it again", inst.index, code)
+    inst.start()
+    return 0
 
 
 def _crash_looping(inst: Instance) -> bool:
