@@ -100,7 +100,7 @@ def start(settings: Settings) -> Worker:
 # thread each), i.e. be at least two thirds of an image's CPU, for a second lane to pay. Measured
 # on 2 cores (docs/benchmarks.md): resnet18 in bfloat16 on AMX reads 4.9-5.9 and serves 38 % more with
 # two lanes (its passes spread badly over two threads: 65.5 ms for 8 images on one, 49.0 on two);
-# float32 reads 15-27 (+6 %); mobilenet_v3_small reads 1.3-1.9 on an AVX-512 EPYC and loses 3-4 %
+# float32 reads 15-27 (+6 %); mobilenet_v3_small reads 1.3-1.9 on an AVX-512 EPYC and loses 3-5 %
 # (its preprocessing keeps the other core busy), but 1.9-2.4 on an AVX2 EPYC, where one lane's
 # one-thread passes were the bound with 6 % of the two cores idle, and two lanes served 5 % more; at
 # --max-batch-size 1 it reads 3.8-4.4 and two lanes serve the same.
