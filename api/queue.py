@@ -14,9 +14,10 @@ import redis
 from common.config import Settings
 from common.errors import DeadlineExceeded, ModelNotFound, QueueFull, Unavailable
 from common.protocol import Reply, Request, decode_reply, encode_request, now_ms
-from common.queues import FULL, MIN_BLOCK_S, Enqueuer, admitted
+from common.queues import FULL, MIN_BLOCK_S, Enqueuer, admitted, block_timeout
 from common.redisconn import connect
 from common.registry import WorkerInfo, live_workers
+from common.resp import Link, pack
 
 
 @dataclass
@@ -45,7 +46,7 @@ class QueueClient:
         self._r = connect(settings, settings.request_timeout_s, connect_timeout_s=1.0)
         self._enqueuer = Enqueuer(self._r, self._keys)
         # The predict path's own connections, last used first (``_enqueue_and_wait``).
-        self._idle: list[redis.Connection] = []
+        self._link = Link(self._r)
         self._models: dict[str, ModelInfo] = {}
         self._models_at = float("-inf")
         self._lock = threading.Lock()
@@ -99,7 +100,7 @@ class QueueClient:
                 req.model, encode_request(req), priority, bound, self._keys.reply(req.id), ttl_ms
             )
         ]
-        commands.append(("BLPOP", self._keys.reply(first.id), f"{max(left_s, MIN_BLOCK_S):.3f}"))
+        commands.append(("BLPOP", self._keys.reply(first.id), block_timeout(left_s)))
         yield self._parse(self._enqueue_and_wait(commands, first.model), first.model)
         for req in reqs[1:]:
             yield self.wait(req)
@@ -119,22 +120,21 @@ class QueueClient:
         A refused write (an error) or a full queue behind the first frame leaves the BLPOP blocked
         on this connection: it is closed instead of reused, and the error raised.
 
-        The connection comes from this client's own stack of idle ones, not redis-py's pool: the
-        pool's hand-out polls every connection for stray data and records its observability
-        counters, 9 % of an API process's CPU under load (docs/benchmarks.md). A connection goes
-        back on the stack only after a whole exchange, so none holds unread data; one that Redis
-        closed while it sat idle (a restart) fails before any answer is read, and the commands are
-        sent once more on a new connection (had Redis queued them before it closed the connection,
-        a worker answers twice and the second reply expires unread).
+        The connection comes from this client's own stack of idle ones (``common/resp.py``), not
+        redis-py's pool: the pool's hand-out polls every connection for stray data and records its
+        observability counters, 9 % of an API process's CPU under load (docs/benchmarks.md); the
+        commands go in one write, packed with the frame in one buffer. A connection goes back on
+        the stack only after a whole exchange, so none holds unread data; one that Redis closed
+        while it sat idle (a restart) fails before any answer is read, and the commands are sent
+        once more on a new connection (had Redis queued them before it closed the connection, a
+        worker answers twice and the second reply expires unread).
         """
-        packed = None
+        packed = pack(commands)
         while True:
-            conn, reused = self._checkout()
+            conn, reused = self._link.checkout()
             answered = False
             try:
-                if packed is None:
-                    packed = conn.pack_commands(commands)  # type: ignore[no-untyped-call]
-                conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+                conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
                 counts = []
                 for cmd in commands[:-1]:
                     try:
@@ -150,21 +150,13 @@ class QueueClient:
             except BaseException as exc:
                 conn.disconnect()  # type: ignore[no-untyped-call]  # a BLPOP may still be pending on it
                 if isinstance(exc, redis.ConnectionError) and reused and not answered:
-                    self._idle.clear()  # after a restart every idle one is closed: the next is new
+                    self._link.forget_idle()  # after a restart every idle one is closed: the next is new
                     continue
                 if isinstance(exc, redis.RedisError):
                     raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
                 raise
-            self._idle.append(conn)
+            self._link.checkin(conn)
             return got
-
-    def _checkout(self) -> tuple[redis.Connection, bool]:
-        """An idle connection (True: used before), or a new one with the client's settings."""
-        try:
-            return self._idle.pop(), True
-        except IndexError:
-            pool = self._r.connection_pool
-            return pool.connection_class(**pool.connection_kwargs), False
 
     def _parse(self, got: Any, model: str) -> Reply:
         if got is None:

@@ -17,6 +17,7 @@ from typing import cast
 import redis
 
 from common.keys import Keys
+from common.resp import Link
 
 PRIORITIES = ("high", "normal", "low")
 LOW_SHARE = 0.1  # with low-priority frames waiting, about this share of each take goes to them
@@ -81,6 +82,11 @@ return {take[1], take[2], take[3], left}
 """
 
 
+def block_timeout(block_s: float) -> str:
+    """A blocking command's timeout in seconds, never 0 (which blocks forever)."""
+    return f"{max(block_s, MIN_BLOCK_S):.3f}"
+
+
 def queue_keys(keys: Keys, model: str) -> list[str]:
     """The model's lists in the order they are served: high, normal, low."""
     return [keys.queue(model, p) for p in PRIORITIES]
@@ -140,7 +146,7 @@ class Taker:
     """The worker's side: take frames into an in-flight list, blocking on the doorbell when idle."""
 
     def __init__(self, r: redis.Redis, keys: Keys, model: str, inflight: str) -> None:
-        self._r = r
+        self._link = Link(r)  # a round trip without redis-py's pipeline (common/resp.py)
         self._wake = keys.wake(model)
         self._queues = queue_keys(keys, model)
         self._plan_keys = [*self._queues, self._wake]
@@ -158,16 +164,12 @@ class Taker:
         and one a peer took in between is a nil skipped. A frame pushed without ringing (by hand with
         redis-cli, say) is taken when the BLPOP times out, at most ``block_s`` later.
         """
-        pipe = self._r.pipeline(transaction=False)
-        pipe.blpop([self._wake], timeout=max(block_s, MIN_BLOCK_S))
         keys = self._plan_keys
-        pipe.execute_command("EVAL", _PLAN, len(keys), *keys, n, LOW_SHARE, random.random())  # type: ignore[no-untyped-call]
-        *plan, left = cast(list[int], pipe.execute()[1])
+        plan_cmd = ("EVAL", _PLAN, len(keys), *keys, n, LOW_SHARE, random.random())
+        answers = self._link.exchange([("BLPOP", self._wake, block_timeout(block_s)), plan_cmd])
+        *plan, left = cast(list[int], answers[1])
         self.left = int(left)
         if not any(plan):
             return []
-        pipe = self._r.pipeline(transaction=False)
-        for key, k in zip(self._queues, plan):
-            for _ in range(int(k)):
-                pipe.lmove(key, self._inflight, "LEFT", "RIGHT")
-        return [f for f in cast(list[bytes | None], pipe.execute()) if f is not None]
+        moves = [("LMOVE", q, self._inflight, "LEFT", "RIGHT") for q, k in zip(self._queues, plan) for _ in range(k)]
+        return [f for f in cast(list[bytes | None], self._link.exchange(moves)) if f is not None]

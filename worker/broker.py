@@ -32,6 +32,7 @@ from common.config import Settings
 from common.errors import DeadlineExceeded, FrameError
 from common.protocol import Reply, decode_request, encode_reply, now_ms
 from common.queues import PRIORITIES, Taker
+from common.resp import Link
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class WorkerBroker:
         self._ttl_ms = int(settings.worker_ttl_s * 1000)
         self._reply_ttl_ms = int(settings.reply_ttl_s * 1000)
         self._taker = Taker(r, self._keys, self._model, self._inflight)
+        self._link = Link(r)  # the reply round trip without redis-py's pipeline (common/resp.py)
         self._mine = _InFlight()
         self._epoch = ""  # the first registration's (``_TRIM_HEAD``)
         self._mine_lock = threading.Lock()  # the picture (taker and repliers)
@@ -109,30 +111,27 @@ class WorkerBroker:
         return self._taker.left
 
     def send(self, outgoing: Sequence[Outgoing], counters: Mapping[str, int]) -> None:
-        """Every reply (RPUSH + PEXPIRE), the in-flight removals and the counters in one round trip.
+        """Every reply (RPUSH + PEXPIRE), the in-flight removals and the counters in one round trip
+        (one write, ``common/resp.py``).
         Answered frames at the head of the in-flight list are trimmed off it; any other frame this
         worker did not take in order, or all once the list was found changed, is removed by value."""
         with self._send_lock:
-            pipe = self._r.pipeline(transaction=False)
+            cmds: list[tuple[object, ...]] = []
             for o in outgoing:
                 if o.reply is not None:
                     key = self._keys.reply(o.reply.id)
-                    pipe.rpush(key, encode_reply(o.reply))
-                    pipe.pexpire(key, self._reply_ttl_ms)
+                    cmds += [("RPUSH", key, encode_reply(o.reply)), ("PEXPIRE", key, self._reply_ttl_ms)]
             trimmed, by_value = self._answered([o.raw for o in outgoing])
-            trim_at = len(pipe)
+            trim_at = len(cmds)
             if trimmed:
-                keys = (self._inflight, self._worker_key)
-                pipe.execute_command("EVAL", _TRIM_HEAD, 2, *keys, len(trimmed), self._epoch)  # type: ignore[no-untyped-call]
-            for raw in by_value:
-                pipe.lrem(self._inflight, 1, raw)  # type: ignore[arg-type]
+                cmds.append(("EVAL", _TRIM_HEAD, 2, self._inflight, self._worker_key, len(trimmed), self._epoch))
+            cmds += [("LREM", self._inflight, 1, raw) for raw in by_value]
             stats_key = self._keys.stats(self._model)
             for name, n in counters.items():
                 if n:
-                    pipe.hincrby(stats_key, name, n)
-                    pipe.hincrby(self._worker_key, name, n)
-            pipe.pexpire(self._worker_key, self._ttl_ms)
-            results = pipe.execute()
+                    cmds += [("HINCRBY", stats_key, name, n), ("HINCRBY", self._worker_key, name, n)]
+            cmds.append(("PEXPIRE", self._worker_key, self._ttl_ms))
+            results = self._link.exchange(cmds)
             if trimmed and results[trim_at] != 1:
                 self._lost_track(trimmed)
             elif len(self._mine.order) > MAX_REMEMBERED:  # an unanswered frame holds the head for long
