@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -17,7 +17,7 @@ from common.protocol import Reply, Request, decode_reply, encode_request, now_ms
 from common.queues import FULL, MIN_BLOCK_S, Enqueuer, admitted, block_timeout
 from common.redisconn import connect
 from common.registry import WorkerInfo, live_workers
-from common.resp import Link, pack
+from common.resp import Link
 
 
 @dataclass
@@ -127,36 +127,27 @@ class QueueClient:
         the stack only after a whole exchange, so none holds unread data; one that Redis closed
         while it sat idle (a restart) fails before any answer is read, and the commands are sent
         once more on a new connection (had Redis queued them before it closed the connection, a
-        worker answers twice and the second reply expires unread).
+        worker answers twice and the second reply expires unread). An error raised while reading
+        closes the connection (a BLPOP may still be pending on it).
         """
-        packed = pack(commands)
-        while True:
-            conn, reused = self._link.checkout()
-            answered = False
-            try:
-                conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
-                counts = []
-                for cmd in commands[:-1]:
-                    try:
-                        got = conn.read_response()
-                        answered = True
-                        if cmd[0] == "EXEC":  # one per frame: its queue's length, or -1 when refused
-                            counts.append(admitted(got))
-                    except redis.ResponseError as exc:  # e.g. OOM at maxmemory: that frame was not queued
-                        raise Unavailable(f"Redis refused the request: {exc}") from None
-                if -1 in counts[1:]:
-                    raise self._full(model)
-                got = conn.read_response()  # FULL at once when the first frame was refused
-            except BaseException as exc:
-                conn.disconnect()  # type: ignore[no-untyped-call]  # a BLPOP may still be pending on it
-                if isinstance(exc, redis.ConnectionError) and reused and not answered:
-                    self._link.forget_idle()  # after a restart every idle one is closed: the next is new
-                    continue
-                if isinstance(exc, redis.RedisError):
-                    raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
-                raise
-            self._link.checkin(conn)
-            return got
+
+        def read(answer: Callable[[], Any]) -> Any:
+            counts = []
+            for cmd in commands[:-1]:
+                try:
+                    got = answer()
+                    if cmd[0] == "EXEC":  # one per frame: its queue's length, or -1 when refused
+                        counts.append(admitted(got))
+                except redis.ResponseError as exc:  # e.g. OOM at maxmemory: that frame was not queued
+                    raise Unavailable(f"Redis refused the request: {exc}") from None
+            if -1 in counts[1:]:
+                raise self._full(model)
+            return answer()  # FULL at once when the first frame was refused
+
+        try:
+            return self._link.call(commands, read)
+        except redis.RedisError as exc:
+            raise Unavailable(f"Redis is unreachable: {type(exc).__name__}") from None
 
     def _parse(self, got: Any, model: str) -> Reply:
         if got is None:

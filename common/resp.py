@@ -17,12 +17,13 @@ only commands for which that is harmless or recovered).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import redis
 
 Command = Sequence[object]
+T = TypeVar("T")
 
 
 def pack(commands: Iterable[Command]) -> bytes:
@@ -62,45 +63,75 @@ class Link:
         self._pool = r.connection_pool
         self._idle: list[redis.Connection] = []
 
-    def checkout(self) -> tuple[redis.Connection, bool]:
+    def _checkout(self) -> tuple[redis.Connection, bool]:
         """An idle connection (True: used before), or a new one with the client's settings."""
         try:
             return self._idle.pop(), True
         except IndexError:
             return self._pool.connection_class(**self._pool.connection_kwargs), False
 
-    def checkin(self, conn: redis.Connection) -> None:
+    def _checkin(self, conn: redis.Connection) -> None:
         """``conn`` after a whole exchange: every answer read."""
         self._idle.append(conn)
 
-    def forget_idle(self) -> None:
+    def _forget_idle(self) -> None:
         """Redis closed a connection that sat idle: the others are closed too, the next is new."""
         self._idle.clear()
 
-    def exchange(self, commands: Sequence[Command]) -> list[Any]:
-        """Send ``commands`` in one write and return their answers in order, as the connection's
-        parser gives them (bytes, ints, lists, None). An error answer raises ``redis.ResponseError``
-        once every answer is read (the first one); connection errors raise as redis-py's do."""
+    def call(self, commands: Sequence[Command], read: Callable[[Callable[[], Any]], T]) -> T:
+        """Send ``commands`` in one write, then return ``read(answer)``, where each ``answer()``
+        reads the next answer as the connection's parser gives it (an error answer raises
+        ``redis.ResponseError``). Whatever ``read`` raises closes the connection (answers may be
+        left unread on it) and propagates; connection errors raise as redis-py's do."""
         packed = pack(commands)
         while True:
-            conn, reused = self.checkout()
-            answers: list[Any] = []
-            error: redis.ResponseError | None = None
+            conn, reused = self._checkout()
+            answer = _Answers(conn)
             try:
                 conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
-                for _ in commands:
-                    try:
-                        answers.append(conn.read_response())
-                    except redis.ResponseError as exc:
-                        error = error or exc
-                        answers.append(exc)
+                got = read(answer)
             except BaseException as exc:
                 conn.disconnect()  # type: ignore[no-untyped-call]
-                if isinstance(exc, redis.ConnectionError) and reused and not answers:
-                    self.forget_idle()
+                if isinstance(exc, redis.ConnectionError) and reused and not answer.count:
+                    self._forget_idle()
                     continue
                 raise
-            self.checkin(conn)
-            if error is not None:
-                raise error
+            self._checkin(conn)
+            return got
+
+    def exchange(self, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` in one write and return their answers in order (bytes, ints, lists,
+        None). An error answer raises ``redis.ResponseError`` once every answer is read (the first
+        one); connection errors raise as redis-py's do."""
+
+        def read_all(answer: Callable[[], Any]) -> list[Any]:
+            answers: list[Any] = []
+            for _ in commands:
+                try:
+                    answers.append(answer())
+                except redis.ResponseError as exc:
+                    answers.append(exc)
             return answers
+
+        answers = self.call(commands, read_all)  # the connection is back on the stack, in step
+        error = next((a for a in answers if isinstance(a, redis.ResponseError)), None)
+        if error is not None:
+            raise error
+        return answers
+
+
+class _Answers:
+    """Reads one exchange's answers, one a call, and counts those read (an error answer too)."""
+
+    def __init__(self, conn: redis.Connection) -> None:
+        self._conn = conn
+        self.count = 0
+
+    def __call__(self) -> Any:
+        try:
+            got = self._conn.read_response()
+        except redis.ResponseError:  # an answer too: the connection is in step
+            self.count += 1
+            raise
+        self.count += 1
+        return got
