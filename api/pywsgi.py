@@ -54,9 +54,8 @@ def lean_headers(fp: BinaryIO) -> Any:
         text = line.decode("iso-8859-1")
         body = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
         name, colon, value = body.partition(":")
-        if len(line) > _MAXLINE or len(lines) > _MAXHEADERS or not colon or not _NAME.fullmatch(name):
-            return headers_factory(_Replay(lines, fp))
-        if "\r" in body or "\n" in body:
+        plain = colon and "\r" not in body and _NAME.fullmatch(name)  # readline leaves no LF inside
+        if not plain or len(line) > _MAXLINE or len(lines) > _MAXHEADERS:
             return headers_factory(_Replay(lines, fp))
         fields.append((name, value.lstrip(" \t")))
     msg = OldMessage()
