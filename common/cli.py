@@ -6,11 +6,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import MutableMapping
 
 from common.config import WORKER_FLAGS, Settings, add_flags, settings_from_args
 from common.logs import configure
 
 API_HELP = "serve the HTTP API (gunicorn, no torch)"
+# libgomp's spins before an idle OpenMP thread sleeps: about 0.6 ms on a 2-core Xeon (docs/benchmarks.md)
+OMP_SPIN_COUNT = "30000"
+
+
+def openmp_defaults(env: MutableMapping[str, str]) -> None:
+    """A short OpenMP spin for the worker, unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set."""
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        env["GOMP_SPINCOUNT"] = OMP_SPIN_COUNT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = _settings(parser, args)
     if args.command == "worker":
-        # Read once, when torch loads OpenMP: idle OpenMP threads then sleep instead of spinning,
-        # which on a CPU shared with the worker's own decoding, the API and Redis cost 20-30 % of
-        # the served throughput (docs/benchmarks.md). Set it yourself to override.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Read once, when torch loads OpenMP. libgomp's default spins ~6 ms after every parallel
+        # region, on cores the worker's own decoding, the API and Redis share (20-30 % of the
+        # served throughput); sleeping at once (PASSIVE) makes a pass on two threads pay a
+        # wake-up at each of its hundreds of regions (resnet18's lone pass: 22 ms against 17). A
+        # short spin bridges the gaps inside a pass and stops soon after it; the worker runs a
+        # pass on several threads only when nothing else wants the cores (worker/runner.py).
+        openmp_defaults(os.environ)
         if settings.instances != 1:  # a supervisor of worker processes, which never imports torch
             from worker import instances
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import sys
 import time
@@ -87,8 +86,6 @@ def start(settings: Settings) -> Worker:
     lanes = lane_count(settings, device, plan, ratio)
     if plan is not None:
         logger.info("%d lane(s): the forward pass costs %.1fx a JPEG's preprocessing per image", lanes, ratio)
-    if lanes > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        logger.info("lanes: for a heavy model (resnet18) OMP_WAIT_POLICY=ACTIVE answers a lone request sooner (README)")
     worker = Worker(settings, handler, device, connect(settings, BLOCK_S), plan, lanes)
     if settings.metrics_port:
         serve_metrics(settings, worker.id)

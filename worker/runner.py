@@ -11,6 +11,12 @@ machine limit's "one thread per core"). A pass that finds no other lane in its f
 on the thread plan's count, so a lone request still gets every core. While another lane is in a
 pass, a lane starts one only with a full batch: splitting the arrivals between lanes cut
 mobilenet_v3_small's batches from 25 to 5 (``worker/main.py`` chooses how many lanes).
+
+Only the first lane (the main thread) forms a batch while no pass runs, and only it runs passes on
+more than one thread; the other lanes run one-thread passes beside it. OpenMP gives every thread
+that starts a parallel region a team of its own, and libgomp counts their threads: with more than
+the CPUs, its threads stop spinning between the regions of a pass and sleep at once, and each of a
+pass's hundreds of regions then pays a wake-up (resnet18's lone pass: 22 ms against 17).
 """
 
 from __future__ import annotations
@@ -81,8 +87,14 @@ class Worker:
         # Work behind the batch being formed (``_use_threads``): frames the collector has taken from
         # Redis and not yet put into the buffer; ``broker.left``: frames still queued after its take.
         self._admitting = 0
+        # Frames the collector has taken from Redis (a running count), and whether any came in
+        # during the last pass: then the collector is busy beside the passes, and a second torch
+        # thread would contend with it (``_use_threads``).
+        self._taken = 0
+        self._taken_in_pass = False
         self._batched = bool(getattr(handler, "prepares_batches", False))  # prepare whole takes at once
         self._lanes_lock = threading.Lock()
+        self._lanes_changed = threading.Condition(self._lanes_lock)  # a pass started or ended
         self._forming = threading.Lock()  # one lane forms a batch at a time
         self.handler = handler
         self.device = device
@@ -130,7 +142,10 @@ class Worker:
             self.lanes,
             "s" if self.lanes > 1 else "",
         )
-        lanes = [threading.Thread(target=self._lane_loop, name=f"lane-{i}", daemon=True) for i in range(1, self.lanes)]
+        lanes = [
+            threading.Thread(target=self._lane_loop, args=(i,), name=f"lane-{i}", daemon=True)
+            for i in range(1, self.lanes)
+        ]
         for t in lanes:
             t.start()
         self._lane_loop()  # this thread is lane 0 (and receives the signals)
@@ -160,35 +175,46 @@ class Worker:
 
     # ---- threads ---------------------------------------------------------------------------
 
-    def _lane_loop(self) -> None:
+    def _lane_loop(self, lane: int = 0) -> None:
+        if lane and self.device.type == "cpu":
+            torch.set_num_threads(1)  # for good: this thread never starts an OpenMP team (module docstring)
         while not self.stop.is_set():
-            self._lane_step()
+            self._lane_step(lane)
 
-    def _lane_step(self) -> None:
+    def _lane_step(self, lane: int = 0) -> None:
         """Form one batch and run it. Its items die when this returns, not when the next batch is
-        formed: the handler's staging ring reuses an image's row once nothing refers to it."""
+        formed: the handler's staging ring reuses an image's row once nothing refers to it. A lane
+        but the first waits for another lane's pass before it forms one (``_next_batch``)."""
+        if lane:
+            with self._lanes_changed:
+                if not self._lanes_changed.wait_for(lambda: self._busy_lanes > 0, IDLE_S):
+                    return
         with self._forming:
-            items = self._next_batch()
+            items = self._next_batch(lane)
             if not items:
                 return
-            with self._lanes_lock:
+            with self._lanes_changed:
                 alone = self._busy_lanes == 0
                 self._busy_lanes += 1
-            backlog = len(self.buffer) > 0 or self._admitting > 0 or self.broker.left > 0
+                self._lanes_changed.notify_all()
+            backlog = len(self.buffer) > 0 or self._admitting > 0 or self.broker.left > 0 or self._taken_in_pass
+        taken = self._taken
         try:
-            self.process(items, alone, backlog)
+            self.process(items, alone, backlog, lane)
         finally:
-            with self._lanes_lock:
+            self._taken_in_pass = self._taken != taken
+            with self._lanes_changed:
                 self._busy_lanes -= 1
             self.buffer.notify()  # a lane waiting for a full batch may go on as usual now
 
-    def _next_batch(self) -> list[_Item]:
+    def _next_batch(self, lane: int = 0) -> list[_Item]:
         """The batching policy (``worker/batching.py``) while no other lane is in a pass; while one
-        is, a full batch or nothing (``[]`` after ``IDLE_S``, or at once when that lane finishes)."""
-        if self._busy_lanes:
+        is, a full batch or nothing (``[]`` after ``IDLE_S``, or at once when that lane finishes).
+        A lane but the first takes only full batches: the batch that runs alone is the first's."""
+        if self._busy_lanes or lane:
             if not self.buffer.wait_for(self.batch_cap, lambda: not self._busy_lanes, IDLE_S):
                 return []
-            if self._busy_lanes:
+            if self._busy_lanes or lane:
                 return [a.item for a in self.buffer.take(self.batch_cap, 0)]
         window = effective_window(self.settings.window_ms / 1000.0, self.buffer.mean_gap_s)
         return collect_batch(self.buffer, self.batch_cap, window, time.monotonic, IDLE_S)
@@ -212,6 +238,7 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             if raws:
+                self._taken += len(raws)
                 self._admit_all(raws)
 
     def _admit_all(self, raws: list[bytes]) -> None:
@@ -295,11 +322,12 @@ class Worker:
 
     # ---- one batch -------------------------------------------------------------------------
 
-    def process(self, items: list[_Item], alone: bool = True, backlog: bool = False) -> None:
+    def process(self, items: list[_Item], alone: bool = True, backlog: bool = False, lane: int = 0) -> None:
         """Drop what expired while buffered, run the rest as one forward pass, reply to every item.
         ``alone``: no other lane was in a forward pass when this batch was formed; ``backlog``: more
         items were waiting behind it (in the buffer, being prepared by the collector, or queued in
-        Redis at the collector's last take)."""
+        Redis at the collector's last take), or came in during the last pass; ``lane``: the lane
+        running it (``_use_threads``)."""
         counts: Counter[str] = Counter()
         out: list[Outgoing] = []
         live: list[_Item] = []
@@ -313,7 +341,7 @@ class Worker:
             else:
                 live.append(it)
         if live:
-            self._use_threads(len(live), alone, backlog)
+            self._use_threads(len(live), alone, backlog, lane)
             out.extend(self._run(live, counts))
             counts["batches"] += 1
             with self._lanes_lock:
@@ -364,15 +392,16 @@ class Worker:
         counts["errors"] += 1
         return Outgoing(it.raw, Reply.failure(it.req.id, err))
 
-    def _use_threads(self, size: int, alone: bool, backlog: bool) -> None:
+    def _use_threads(self, size: int, alone: bool, backlog: bool, lane: int = 0) -> None:
         """Set this lane's torch threads for a pass over ``size`` items (the count is per thread):
-        one while another lane is in a pass (it holds the other core); with a thread plan, one
-        while more items wait behind the batch (the collector is preparing them on the other core,
-        where a second torch thread would only contend with it: at 64 clients mobilenet_v3_small's
-        batches of 17-32 cost 0.3 ms of CPU an image more on the plan's two threads, and served
-        6-8 % less), else the plan's count, the fastest for a pass alone; without a plan, all
-        threads when there are several lanes."""
-        if self.lanes > 1 and not alone:
+        one on any lane but the first (module docstring), and while another lane is in a pass (it
+        holds the other core); with a thread plan, one while more items wait behind the batch or
+        came in during the last pass (the collector is preparing them on the other core, where a
+        second torch thread would only contend with it, and with OpenMP's short spin take the core
+        it waits on: at 64 clients mobilenet_v3_small's batches of 17-32 cost 0.3 ms of CPU an
+        image more on the plan's two threads, and served 6-8 % less), else the plan's count, the
+        fastest for a pass alone; without a plan, all threads when there are several lanes."""
+        if self.lanes > 1 and (lane or not alone):
             n = 1
         elif self.thread_plan is not None:
             n = 1 if backlog else self.thread_plan.for_batch(size)

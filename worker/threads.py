@@ -1,10 +1,10 @@
 """How many torch threads each batch size runs on (a CPU worker's thread plan).
 
-With OpenMP's passive waiting (which ``redbatch worker`` sets, so idle threads do not burn the
-cores that decoding, the API and Redis share), every parallel region wakes its sleeping threads:
-a pass over a few images, made of hundreds of short operators, can lose more to those wake-ups
-than the second thread gains, while a large batch gains. So the worker times each batch size it
-may run with one thread and with all of them at start-up, and runs each size the faster way.
+A pass over a few images, made of hundreds of short operators, can lose more to the second
+thread's synchronisation than it gains (and to a wake-up at every operator where OpenMP's threads
+sleep at once: ``redbatch worker`` lets them spin briefly, ``common/cli.py``), while a large
+batch gains. So the worker times each batch size it may run with one thread and with all of them
+at start-up, and runs each size the faster way.
 
 ``calibrate`` and ``choose_threads`` are pure (a runner, a thread setter and a clock are passed
 in), so tests drive them with fakes.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -258,12 +259,16 @@ class SlowHandler(TinyHandler):
     def __init__(self) -> None:
         super().__init__()
         self.passes: list[tuple[float, float, int, int]] = []  # start, end, threads, batch size
+        self.lanes: list[str] = []  # the thread that ran each pass
+        self.began = threading.Event()  # set when a pass starts
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         t0, threads = time.monotonic(), torch.get_num_threads()
+        self.began.set()
         time.sleep(0.3)
         out = super().forward(batch)
         self.passes.append((t0, time.monotonic(), threads, batch.shape[0]))
+        self.lanes.append(threading.current_thread().name)
         return out
 
 
@@ -285,6 +290,24 @@ def test_a_second_lane_runs_a_full_batch_beside_the_first_on_one_thread_and_a_lo
     during = [p for p in h.passes if any(a < p[0] < b for a, b, _, _ in h.passes if (a, b) != p[:2])]
     assert during, f"no two passes overlapped: {h.passes}"
     assert all(n == 1 and size == 4 for _, _, n, size in during), h.passes
+    assert "lane-1" in h.lanes  # the second lane did run passes
+
+
+def test_every_lone_request_runs_on_the_first_lane_with_every_thread(
+    tiny: Settings, start_worker: Callable[..., RunningWorker]
+) -> None:
+    """Lanes do not take turns at lone requests: only the first lane starts OpenMP teams of more
+    than one thread (libgomp stops its threads' spinning once it manages more threads than CPUs)."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads")
+    many = torch.get_num_threads()
+    h = SlowHandler()
+    start_worker(handler=h, lanes=2, max_batch_size=4, window_ms=0)
+    client = _client(tiny)
+    for v in (30, 90, 150, 210):
+        assert client.post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG).status_code == 200
+    assert [n for _, _, n, _ in h.passes] == [many] * 4
+    assert "lane-1" not in h.lanes, h.lanes
 
 
 def test_a_pass_with_work_waiting_behind_it_runs_on_one_thread_and_leaves_the_other_core_to_the_collector(
@@ -303,7 +326,34 @@ def test_a_pass_with_work_waiting_behind_it_runs_on_one_thread_and_leaves_the_ot
     # While a pass ran (0.3 s), the rest arrived: the next passes had frames behind them, in the
     # buffer or still in Redis, and ran on one thread; the last had none and ran on the plan's count.
     assert any(n == 1 for _, _, n, _ in later[:-1]), later
-    assert later[-1][2] == many, later
+    # Nothing came in during the burst's last pass: a lone request after it gets the plan's count.
+    assert _client(tiny).post("/v1/models/tiny/predict", data=_solid(200), headers=JPEG).status_code == 200
+    assert h.passes[-1][2] == many, h.passes
+
+
+def test_a_request_that_came_in_during_a_pass_runs_on_one_thread(
+    tiny: Settings, start_worker: Callable[..., RunningWorker]
+) -> None:
+    """Work arriving while a pass runs keeps the collector busy beside the passes: the next pass
+    leaves it the other core, though nothing waits behind that pass when it starts."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads")
+    many = torch.get_num_threads()
+    h = SlowHandler()
+    start_worker(handler=h, thread_plan=ThreadPlan({1: many}), max_batch_size=4, window_ms=0)
+    app = create_app(tiny)
+
+    def post(v: int) -> int:
+        return app.test_client().post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG).status_code
+
+    with ThreadPoolExecutor(2) as ex:
+        first = ex.submit(post, 40)
+        assert h.began.wait(5)  # its pass has begun...
+        second = ex.submit(post, 80)  # ...and this one comes in during it
+        assert (first.result(), second.result()) == (200, 200)
+    assert [(n, size) for _, _, n, size in h.passes] == [(many, 1), (1, 1)], h.passes
+    assert post(120) == 200  # nothing came in during that pass: all threads again
+    assert h.passes[-1][2] == many
 
 
 def test_a_poisoned_item_fails_alone_and_the_batch_succeeds(

@@ -53,3 +53,15 @@ def test_api_refuses_an_unknown_worker_class(capsys: pytest.CaptureFixture[str])
 
     assert main(["api", "--api-worker-class", "eventlet"]) == 2
     assert "gevent, gevent_pywsgi, gthread" in capsys.readouterr().err
+
+
+def test_the_worker_spins_openmp_briefly_unless_told_how_to_wait() -> None:
+    from common.cli import OMP_SPIN_COUNT, openmp_defaults
+
+    env: dict[str, str] = {}
+    openmp_defaults(env)
+    assert env == {"GOMP_SPINCOUNT": OMP_SPIN_COUNT}
+    for mine in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": ""}):
+        env = dict(mine)
+        openmp_defaults(env)
+        assert env == mine  # the user's choice stands, even an empty one (libgomp's own default)
