@@ -46,8 +46,10 @@ served() {  # name model max-batch dtype preprocess "concurrencies" [worker flag
     sleep $((WARMUP_S + 1))
     local groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpid" "redis=$RPID" "bench=$bpid")
     $PY bench/proc_cpu.py snap "$OUT/$name-c$c-cpu0.json" "${groups[@]}"
+    redis-cli -p "$PORT" HGETALL "$prefix:stats:$model" >"$OUT/$name-c$c-stats0.txt"  # the worker's own CPU counters
     sleep $((SECONDS_PER_LEVEL - 2))
     $PY bench/proc_cpu.py snap "$OUT/$name-c$c-cpu1.json" "${groups[@]}"
+    redis-cli -p "$PORT" HGETALL "$prefix:stats:$model" >"$OUT/$name-c$c-stats1.txt"
     wait "$bpid"
     grep -E '^ +[0-9]' "$OUT/$name-c$c.txt" | sed "s/^/$name  /"
   done

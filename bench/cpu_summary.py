@@ -37,6 +37,25 @@ def cpu_split(out: Path, name: str, c: int, req_per_s: float, seconds: float) ->
     return per
 
 
+def stats(path: Path) -> dict[str, int]:
+    """The model's stats hash as ``redis-cli HGETALL`` printed it (field and value lines)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().split()
+    return {k: int(v) for k, v in zip(lines[::2], lines[1::2]) if v.lstrip("-").isdigit()}
+
+
+def worker_timed(out: Path, name: str, c: int) -> tuple[float, float] | None:
+    """The worker's own CPU per request over the snapshot window, in ms: preparing inputs
+    (``prep_cpu_us``) and the handler's preprocess, forward and postprocess (``model_cpu_us``)."""
+    a, b = stats(out / f"{name}-c{c}-stats0.txt"), stats(out / f"{name}-c{c}-stats1.txt")
+    n = b.get("requests", 0) - a.get("requests", 0)
+    if n <= 0 or "model_cpu_us" not in b:
+        return None
+    prep, model = ((b.get(k, 0) - a.get(k, 0)) / 1000.0 / n for k in ("prep_cpu_us", "model_cpu_us"))
+    return prep, model
+
+
 def single_image_ms(inproc: dict[str, Any]) -> float:
     """In-process latency of a lone image: the faster preprocessing plus batch 1 with all threads."""
     row = next(r for r in inproc["sweeps"][0]["rows"] if r["batch_size"] == 1)
@@ -75,6 +94,10 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
             f[f"{key} CPU ms/req api+worker outside prep+forward"] = own - best_one_thread_ms(inproc)
             for g in ("api", "worker", "redis", "bench"):
                 f[f"{key} CPU ms/req {g}"] = split.get(g, 0.0)
+            timed = worker_timed(out, f"r{r}-{model}-float32-n{n}-worker", 64)
+            if timed:  # the same figure with prep and model as the worker timed them in this run
+                f[f"{key} worker-timed prep ms/req"], f[f"{key} worker-timed model ms/req"] = timed
+                f[f"{key} CPU ms/req api+worker outside prep+model, worker-timed"] = own - sum(timed)
     mb1 = level(out, f"r{r}-{MB}-float32-n1-worker", 64)
     mb_api = level(out, f"r{r}-{MB}-float32-n32-api", 64)
     if mb1 and "mb served 64" in f:

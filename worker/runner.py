@@ -274,7 +274,7 @@ class Worker:
         if not items:
             return []
         try:
-            xs = prepare_inputs(self.handler, [it.x for it in items])
+            xs = self._prepare([it.x for it in items], counts)
         except Exception:
             xs = []
         if len(xs) == len(items):
@@ -382,7 +382,7 @@ class Worker:
     def _prepared(self, it: _Item, counts: Counter[str]) -> _Item | Outgoing:
         """``it`` with its input prepared alone, or the error answer for an input that will not go."""
         try:
-            it.x = prepare_inputs(self.handler, [it.x])[0]
+            it.x = self._prepare([it.x], counts)[0]
             return it
         except RedbatchError as exc:
             err = exc
@@ -391,6 +391,14 @@ class Worker:
             err = InvalidImage("the input could not be prepared for the model")
         counts["errors"] += 1
         return Outgoing(it.raw, Reply.failure(it.req.id, err))
+
+    def _prepare(self, xs: list[Any], counts: Counter[str]) -> list[Any]:
+        """The handler's ``prepare`` of ``xs`` (decoding, resizing), its CPU time counted."""
+        c0 = time.thread_time()
+        try:
+            return prepare_inputs(self.handler, xs)
+        finally:
+            counts["prep_cpu_us"] += round((time.thread_time() - c0) * 1e6)
 
     def _use_threads(self, size: int, alone: bool, backlog: bool, lane: int = 0) -> None:
         """Set this lane's torch threads for a pass over ``size`` items (the count is per thread):
@@ -415,7 +423,7 @@ class Worker:
     def _run(self, items: list[_Item], counts: Counter[str]) -> list[Outgoing]:
         """One forward pass; if it raises, split the batch in halves so only the culprit fails."""
         start_ms = now_ms()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             with torch.inference_mode():
                 x = self.handler.preprocess([it.x for it in items])
@@ -441,7 +449,12 @@ class Worker:
             mid = len(items) // 2
             return self._run(items[:mid], counts) + self._run(items[mid:], counts)
         infer_ms = (time.perf_counter() - t0) * 1000.0
+        threads = torch.get_num_threads()
+        # The CPU the pass held: its thread's own, or on several threads all of them for its
+        # length (OpenMP's threads work or spin through a pass; their time is not this thread's).
+        cpu_s = time.thread_time() - c0 if threads == 1 or self.device.type != "cpu" else infer_ms / 1000.0 * threads
         counts["items"] += len(items)
+        counts["model_cpu_us"] += round(cpu_s * 1e6)
         self.metrics.batch(len(items), infer_ms / 1000.0, (start_ms - it.req.sent_ms for it in items if it.req.sent_ms))
         logger.debug("batch of %d in %.1f ms", len(items), infer_ms)
         return [

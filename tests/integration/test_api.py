@@ -356,6 +356,41 @@ def test_a_request_that_came_in_during_a_pass_runs_on_one_thread(
     assert h.passes[-1][2] == many
 
 
+def _burn(seconds: float) -> None:
+    """Hold this thread on the CPU for ``seconds`` of its own CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+class CpuHandler(TinyHandler):
+    """Preparing an input burns 20 ms of CPU; a pass sleeps 100 ms and burns 10 ms."""
+
+    def prepare(self, inputs: Sequence[TensorData]) -> list[TensorData]:
+        for _ in inputs:
+            _burn(0.02)
+        return list(inputs)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.1)
+        _burn(0.01)
+        return super().forward(batch)
+
+
+def test_the_stats_show_the_cpu_the_worker_spent_preparing_inputs_and_in_the_model(
+    tiny: Settings, r: redis.Redis, start_worker: Callable[..., RunningWorker]
+) -> None:
+    w = start_worker(handler=CpuHandler(), thread_plan=ThreadPlan({1: 1}), max_batch_size=4, window_ms=0)
+    client = _client(tiny)
+    for v in (50, 100, 150):
+        assert client.post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG).status_code == 200
+    for key in (tiny.keys.stats("tiny"), tiny.keys.worker(w.worker.id)):
+        got = {k: int(r.hget(key, k) or 0) for k in ("prep_cpu_us", "model_cpu_us")}
+        assert 3 * 18_000 <= got["prep_cpu_us"] <= 3 * 40_000, (key, got)
+        # CPU, not time: the passes' 100 ms sleeps are not in it
+        assert 3 * 9_000 <= got["model_cpu_us"] <= 3 * 50_000, (key, got)
+
+
 def test_a_poisoned_item_fails_alone_and_the_batch_succeeds(
     tiny: Settings, start_worker: Callable[..., RunningWorker]
 ) -> None:

@@ -51,6 +51,11 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
             {"api": {"1": 2 * served / 100}, "worker": {"2": 10 * served / 100}, "redis": {"3": served / 100}},
         )
 
+        # the worker's own counters over the same window, as redis-cli prints HGETALL
+        stats = f"r{r}-{MB}-float32-n32-worker-c64-stats"
+        (tmp_path / f"{stats}0.txt").write_text("requests\n100\nprep_cpu_us\n100000\nmodel_cpu_us\n200000\n")
+        (tmp_path / f"{stats}1.txt").write_text("requests\n1100\nprep_cpu_us\n3100000\nmodel_cpu_us\n6200000\n")
+
     figures = cpu_summary.repeat_figures(tmp_path, 2, seconds=10.0)
     assert figures["mb served/limit"] == pytest.approx(0.8)  # 80 / 100: repeat 2's own limit
     assert figures["mb batch 32 / batch 1"] == pytest.approx(2.0)
@@ -62,6 +67,10 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
     assert figures["mb CPU ms/req api"] == pytest.approx(2.0) and figures["mb CPU ms/req"] == pytest.approx(13.0)
     assert figures["mb CPU ms/req outside prep+forward"] == pytest.approx(13.0 - 8.0)  # best: 3 + 40 / 8
     assert figures["mb CPU ms/req api+worker outside prep+forward"] == pytest.approx(12.0 - 8.0)  # Redis's 1 left out
+    # 1000 requests took 3 ms of preparing and 6 ms of model CPU each, as the worker timed them
+    assert figures["mb worker-timed prep ms/req"] == pytest.approx(3.0)
+    assert figures["mb worker-timed model ms/req"] == pytest.approx(6.0)
+    assert figures["mb CPU ms/req api+worker outside prep+model, worker-timed"] == pytest.approx(12.0 - 9.0)
 
     assert cpu_summary.main([str(tmp_path), "12"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mb served/limit |"))
