@@ -16,10 +16,15 @@ API_HELP = "serve the HTTP API (gunicorn, no torch)"
 OMP_SPIN_COUNT = "30000"
 
 
-def openmp_defaults(env: MutableMapping[str, str]) -> None:
-    """A short OpenMP spin for the worker, unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set."""
+def openmp_defaults(env: MutableMapping[str, str], adaptive_threads: bool = True) -> None:
+    """How the worker's idle OpenMP threads wait, unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
+    is set: a short spin with the thread plan (which keeps passes that have company on one thread),
+    sleeping at once without it (every pass then runs on all threads, beside the decoding)."""
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-        env["GOMP_SPINCOUNT"] = OMP_SPIN_COUNT
+        if adaptive_threads:
+            env["GOMP_SPINCOUNT"] = OMP_SPIN_COUNT
+        else:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # wake-up at each of its hundreds of regions (resnet18's lone pass: 22 ms against 17). A
         # short spin bridges the gaps inside a pass and stops soon after it; the worker runs a
         # pass on several threads only when nothing else wants the cores (worker/runner.py).
-        openmp_defaults(os.environ)
+        openmp_defaults(os.environ, settings.adaptive_threads)
         if settings.instances != 1:  # a supervisor of worker processes, which never imports torch
             from worker import instances
 

@@ -65,3 +65,6 @@ def test_the_worker_spins_openmp_briefly_unless_told_how_to_wait() -> None:
         env = dict(mine)
         openmp_defaults(env)
         assert env == mine  # the user's choice stands, even an empty one (libgomp's own default)
+    env = {}
+    openmp_defaults(env, adaptive_threads=False)  # every pass on all threads: they sleep at once
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
