@@ -12,7 +12,7 @@ from common.config import WORKER_FLAGS, Settings, add_flags, settings_from_args
 from common.logs import configure
 
 API_HELP = "serve the HTTP API (gunicorn, no torch)"
-# libgomp's spins before an idle OpenMP thread sleeps: about 0.6 ms on a 2-core Xeon (docs/benchmarks.md)
+# libgomp's spins before an idle OpenMP thread sleeps: 0.6-1.3 ms on a 2-core Xeon (bench/omp_spin.py)
 OMP_SPIN_COUNT = "30000"
 
 
