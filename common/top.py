@@ -26,15 +26,15 @@ from common.protocol import now_ms
 from common.redisconn import connect
 from common.registry import WorkerInfo, worker_from_hash
 
-COUNTERS = ("requests", "items", "batches", "errors", "expired")
+COUNTERS = ("requests", "items", "batches", "errors", "expired", "prep_cpu_us", "model_cpu_us")
 PRIORITY_SUFFIXES = ("high", "low")  # Keys.queue(model, priority) for priorities other than normal
 SCAN_COUNT = 1000
 MODEL_COLUMNS = (
     "MODEL", "WORKERS", "QUEUE", "IN-FLIGHT", "REQ/S", "ITEMS/S", "BATCH/S", "MEAN BATCH", "ERR/S", "EXP/S"
 )  # fmt: skip
 WORKER_COLUMNS = (
-    "WORKER", "MODEL", "DEVICE", "DTYPE", "MAX BATCH", "LANES", "IN-FLIGHT", "REQ/S", "MEAN BATCH", "HEARTBEAT",
-    "HOST:PID",
+    "WORKER", "MODEL", "DEVICE", "DTYPE", "MAX BATCH", "LANES", "IN-FLIGHT", "REQ/S", "MEAN BATCH", "PREP MS",
+    "MODEL MS", "HEARTBEAT", "HOST:PID",
 )  # fmt: skip
 CLEAR = "\x1b[H\x1b[2J"
 ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h\x1b[?25l", "\x1b[?25h\x1b[?1049l"
@@ -63,6 +63,8 @@ class Rates:
     errors_per_s: float
     expired_per_s: float
     mean_batch: float | None  # items per forward pass in the interval; None when none ran
+    prep_ms: float | None  # CPU ms an item spent preparing its input (decode, resize); None without items
+    model_ms: float | None  # CPU ms an item in the handler (preprocess, forward, postprocess; all its threads)
 
 
 # ---- reading Redis ----------------------------------------------------------------------------
@@ -147,11 +149,18 @@ def rates(prev: Mapping[str, int], cur: Mapping[str, int], dt_s: float) -> Rates
         errors_per_s=d["errors"] * per_s,
         expired_per_s=d["expired"] * per_s,
         mean_batch=d["items"] / d["batches"] if d["batches"] > 0 else None,
+        prep_ms=_per_item_ms(d, cur, "prep_cpu_us"),
+        model_ms=_per_item_ms(d, cur, "model_cpu_us"),
     )
 
 
+def _per_item_ms(d: Mapping[str, int], cur: Mapping[str, int], counter: str) -> float | None:
+    """CPU ms an item from a µs counter; None without items, or from a worker that does not count it."""
+    return d[counter] / d["items"] / 1000 if d["items"] > 0 and counter in cur else None
+
+
 def worker_counters(w: WorkerInfo) -> dict[str, int]:
-    return {name: _int(w.fields.get(name)) for name in COUNTERS}
+    return {name: _int(w.fields[name]) for name in COUNTERS if name in w.fields}
 
 
 # ---- rendering --------------------------------------------------------------------------------
@@ -218,7 +227,9 @@ def _worker_table(prev: Snapshot | None, cur: Snapshot, dt_s: float) -> list[str
                 str(w.fields.get("lanes", "1")),  # forward passes that may run at once (worker/runner.py)
                 str(cur.inflight.get(w.id, 0)),
                 "-" if rate is None else f"{rate.requests_per_s:.1f}",
-                "-" if rate is None or rate.mean_batch is None else f"{rate.mean_batch:.1f}",
+                _num(None if rate is None else rate.mean_batch, 1),
+                _num(None if rate is None else rate.prep_ms, 2),
+                _num(None if rate is None else rate.model_ms, 2),
                 "-" if beat_ms is None else f"{max(beat_ms, 0) / 1000:.1f}s",
                 f"{w.fields.get('host', '?')}:{w.fields.get('pid', '?')}",
             ]
@@ -226,8 +237,12 @@ def _worker_table(prev: Snapshot | None, cur: Snapshot, dt_s: float) -> list[str
     live = {w.id for w in cur.workers}
     for wid, n in sorted(cur.inflight.items()):
         if wid not in live and n:  # its frames go back to the queue at a live worker's next heartbeat
-            rows.append([wid, "(dead)", "", "", "", "", str(n), "", "", "", ""])
-    return _table(WORKER_COLUMNS, rows, left={0, 1, 2, 3, 10}) if rows else ["no live workers"]
+            rows.append([wid, "(dead)", "", "", "", "", str(n), "", "", "", "", "", ""])
+    return _table(WORKER_COLUMNS, rows, left={0, 1, 2, 3, 12}) if rows else ["no live workers"]
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _model_of(queue: str) -> str:

@@ -39,8 +39,11 @@ def test_rates_from_a_counter_that_appeared_or_was_reset_count_from_zero() -> No
 
 
 def test_no_batch_in_the_interval_means_no_mean_batch() -> None:
-    r = rates({"items": 5, "batches": 1}, {"items": 5, "batches": 1}, 1.0)
+    r = rates({"items": 5, "batches": 1}, {"items": 5, "batches": 1, "prep_cpu_us": 300}, 1.0)
     assert r.mean_batch is None and r.requests_per_s == 0.0
+    assert r.prep_ms is None and r.model_ms is None  # CPU an item needs items in the interval
+    older = rates({}, {"items": 10, "batches": 1}, 1.0)  # a worker from before the CPU counters
+    assert older.mean_batch == 10.0 and older.prep_ms is None and older.model_ms is None
     assert rates({}, {"requests": 3}, 0.0).requests_per_s == 0.0
 
 
@@ -50,8 +53,8 @@ def _row(screen: str, first: str) -> list[str]:
 
 
 def test_the_screen_shows_queues_workers_rates_and_batch_sizes() -> None:
-    before = {"requests": 1000, "items": 990, "batches": 100}
-    after = {"requests": 1400, "items": 1390, "batches": 110}
+    before = {"requests": 1000, "items": 990, "batches": 100, "prep_cpu_us": 1_000_000, "model_cpu_us": 2_000_000}
+    after = {"requests": 1400, "items": 1390, "batches": 110, "prep_cpu_us": 1_500_000, "model_cpu_us": 2_960_000}
     prev, cur = snap(10.0, before, before), snap(12.0, after, after)
     screen = render(prev, cur, title="redbatch top · redis://h:6379/0 · prefix redbatch")
     assert screen.startswith("redbatch top · redis://h:6379/0 · prefix redbatch · ")
@@ -63,9 +66,9 @@ def test_the_screen_shows_queues_workers_rates_and_batch_sizes() -> None:
     model_row = ["resnet18", "1", "15", "(h3)", "16", "200.0", "200.0", "5.0", "40.0", "0.0", "0.0"]
     assert _row(screen, "resnet18") == model_row
     # worker, model, device, dtype, batch, lanes (none registered: 1), in-flight, req/s, mean batch,
-    # heartbeat age, host:pid
-    worker_row = ["w-a", "resnet18", "cuda:0", "float16", "32", "1", "16", "200.0", "40.0", "0.4s", "gpu1:4242"]
-    assert _row(screen, "w-a") == worker_row
+    # CPU ms an item preparing inputs (500 ms over 400 items) and in the model (960 ms), heartbeat age, host:pid
+    worker_row = ["w-a", "resnet18", "cuda:0", "float16", "32", "1", "16", "200.0", "40.0", "1.25", "2.40", "0.4s"]
+    assert _row(screen, "w-a") == [*worker_row, "gpu1:4242"]
 
 
 def test_columns_are_aligned() -> None:
@@ -83,7 +86,7 @@ def test_without_a_previous_snapshot_rates_are_dashes() -> None:
     screen = render(None, cur)
     assert "rates need two refreshes" in screen
     assert _row(screen, "resnet18")[5:] == ["-"] * 6
-    assert _row(screen, "w-a")[7:9] == ["-", "-"]
+    assert _row(screen, "w-a")[7:11] == ["-"] * 4
 
 
 def test_a_lowered_batch_cap_the_lanes_and_a_dead_workers_frames_show() -> None:
