@@ -6,8 +6,8 @@
 Each way runs in a fresh process (libgomp reads its settings once): torch on two threads does a
 256x256 matmul, then sleeps 0.2 s, 20 times. The process's CPU time per round, beyond what the matmul
 needs (about its wall time on two threads), is what the threads burned waiting for work that did not
-come: the cost a spin count puts on cores that the worker's decoding, the API and Redis share. `redbatch worker`'s
-``GOMP_SPINCOUNT=30000`` comes from this table (docs/benchmarks.md).
+come: the cost a spin count puts on cores that the worker's decoding, the API and Redis share.
+`redbatch worker`'s ``GOMP_SPINCOUNT=30000`` comes from this table (docs/benchmarks.md).
 """
 
 from __future__ import annotations
