@@ -3,8 +3,10 @@
     python bench/lone.py http://127.0.0.1:8000 mobilenet_v3_small 200
 
 Prints the median latency, the median of the worker's own step (``infer_ms`` in the answer:
-preprocess, forward and postprocess on its main thread), and the median of their difference: the
-path (HTTP, the API, Redis, queueing, and on a CPU with ``--preprocess worker`` the decoding). The
+preprocess, forward and postprocess on its main thread), the median of their difference: the
+path (HTTP, the API, Redis, queueing, and on a CPU with ``--preprocess worker`` the decoding), and
+of that the median ``queue_ms``: from the API's enqueue to the step's start (the Redis hop, the
+worker's take, decoding and the hand-over to the lane; whole milliseconds of the wall clock). The
 images are ``redbatch bench``'s generated 640x480 JPEGs; the first 10 requests are not counted.
 """
 
@@ -28,6 +30,7 @@ def main(url: str, model: str, n: int) -> str:
     bodies = [b.data for b in load_bodies(None, (640, 480))]
     total_ms: list[float] = []
     infer_ms: list[float] = []
+    queue_ms: list[float] = []
     for i in range(n + WARMUP):
         t0 = time.perf_counter()
         conn.request("POST", f"/v1/models/{model}/predict", bodies[i % len(bodies)], {"Content-Type": "image/jpeg"})
@@ -38,8 +41,13 @@ def main(url: str, model: str, n: int) -> str:
         if i >= WARMUP:
             total_ms.append((time.perf_counter() - t0) * 1000.0)
             infer_ms.append(float(answer.get("infer_ms") or 0.0))
+            queue_ms.append(float(answer.get("queue_ms") or 0.0))
     outside = statistics.median(t - f for t, f in zip(total_ms, infer_ms))
-    return f"p50 {statistics.median(total_ms):.2f} ms, step {statistics.median(infer_ms):.2f}, outside {outside:.2f}"
+    queue = statistics.median(queue_ms)
+    return (
+        f"p50 {statistics.median(total_ms):.2f} ms, step {statistics.median(infer_ms):.2f}, "
+        f"outside {outside:.2f} (queue {queue:.1f})"
+    )
 
 
 if __name__ == "__main__":
