@@ -3,8 +3,9 @@
 # side by side and repeated, because a shared machine's speed drifts from minute to minute. Each
 # repeat times the model's own limit in-process and then the served figures through the real stack
 # (bench clients -> gunicorn API -> Redis -> one worker with torch's default threads), so every
-# ratio comes from one stretch of time; bench/cpu_summary.py prints each repeat's ratios and their
-# medians. Served runs use --preprocess worker (the fastest on a CPU) unless named "-api".
+# ratio comes from one stretch of time (the model's limit is timed both before and after its main
+# served run, and the mean is the limit); bench/cpu_summary.py prints each repeat's ratios and
+# their medians. Served runs use --preprocess worker (the fastest on a CPU) unless named "-api".
 #
 #   bash bench/cpu_check.sh            # from the repo root, with the venv of scripts/test.sh
 # Results go to $OUT (default out/cpu). Knobs: REPEATS=3, SECONDS_PER_LEVEL=10, API_WORKERS=1,
@@ -65,6 +66,7 @@ for r in $(seq 1 "$REPEATS"); do
     esac
     inproc "r$r-$m-float32-inproc" "$m" float32 "$sizes"
     served "r$r-$m-float32-n$n-worker" "$m" "$n" float32 worker "1 64"
+    inproc "r$r-$m-float32-inproc-after" "$m" float32 "$sizes"  # the limit on both sides of the served run
     if [ "$m" = mobilenet_v3_small ]; then
       served "r$r-$m-float32-n1-worker" "$m" 1 float32 worker "64"
       served "r$r-$m-float32-n$n-api" "$m" "$n" float32 api "1 64"

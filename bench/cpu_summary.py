@@ -1,6 +1,8 @@
 """Summarise a ``bench/cpu_check.sh`` run: each repeat's figures against issue 5's CPU targets,
 then the median over repeats (ratios are taken within a repeat, where the machine's speed is the
-same for both sides).
+same for both sides). Where the in-process limit was timed both before and after the served run
+(``...-inproc`` and ``...-inproc-after``), the in-process figures are the mean of the two, and
+``limit after / before`` shows how far the machine drifted in between.
 
     python bench/cpu_summary.py out/cpu
 """
@@ -56,30 +58,40 @@ def worker_timed(out: Path, name: str, c: int) -> tuple[float, float] | None:
     return prep, model
 
 
-def single_image_ms(inproc: dict[str, Any]) -> float:
-    """In-process latency of a lone image: the faster preprocessing plus batch 1 with all threads."""
-    row = next(r for r in inproc["sweeps"][0]["rows"] if r["batch_size"] == 1)
-    return float(inproc["prep_ms"] + row["model_ms"])
+def single_image_ms(inprocs: list[dict[str, Any]]) -> float:
+    """In-process latency of a lone image: the faster preprocessing plus batch 1 with all threads
+    (the mean over ``inprocs``, the in-process runs around one served run)."""
+    rows = (next(r for r in d["sweeps"][0]["rows"] if r["batch_size"] == 1) for d in inprocs)
+    return statistics.mean(float(d["prep_ms"] + row["model_ms"]) for d, row in zip(inprocs, rows))
 
 
-def best_one_thread_ms(inproc: dict[str, Any]) -> float:
-    """Preprocessing + model per image at the best batch size, one thread: the limit's unit cost."""
-    one = next(s for s in inproc["sweeps"] if s["threads"] == 1)
-    return min(float(inproc["prep_ms"] + r["model_ms"] / r["batch_size"]) for r in one["rows"])
+def best_one_thread_ms(inprocs: list[dict[str, Any]]) -> float:
+    """Preprocessing + model per image at the best batch size, one thread: the limit's unit cost
+    (the mean over ``inprocs``)."""
+    best = []
+    for d in inprocs:
+        one = next(s for s in d["sweeps"] if s["threads"] == 1)
+        best.append(min(float(d["prep_ms"] + r["model_ms"] / r["batch_size"]) for r in one["rows"]))
+    return statistics.mean(best)
 
 
 def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
     f: dict[str, float] = {}
     for model, n in ((MB, 32), ("resnet18", 8)):
-        inproc = load(out / f"r{r}-{model}-float32-inproc.json")
+        before = load(out / f"r{r}-{model}-float32-inproc.json")
+        after = load(out / f"r{r}-{model}-float32-inproc-after.json")
         served = level(out, f"r{r}-{model}-float32-n{n}-worker", 64)
         one = level(out, f"r{r}-{model}-float32-n{n}-worker", 1)
-        if not inproc or not served:
+        if not before or not served:
             continue
+        inproc = [before, after] if after else [before]
         key = "mb" if model == MB else "r18"
-        f[f"{key} limit"] = inproc["machine_limit_ips"]
+        limit = statistics.mean(d["machine_limit_ips"] for d in inproc)
+        f[f"{key} limit"] = limit
+        if after:
+            f[f"{key} limit after / before"] = after["machine_limit_ips"] / before["machine_limit_ips"]
         f[f"{key} served 64"] = served["ok_per_s"]
-        f[f"{key} served/limit"] = served["ok_per_s"] / inproc["machine_limit_ips"]
+        f[f"{key} served/limit"] = served["ok_per_s"] / limit
         f[f"{key} p99/p50 64"] = served["p99_ms"] / served["p50_ms"]
         if one:
             f[f"{key} p50 1 client"] = one["p50_ms"]

@@ -75,3 +75,23 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
     assert cpu_summary.main([str(tmp_path), "12"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mb served/limit |"))
     assert row.split("|")[1:-1] == [" mb served/limit ", " 0.50 ", " 0.80 ", " 0.25 ", " **0.50** "]
+
+
+def test_a_limit_timed_on_both_sides_of_the_served_run_counts_as_their_mean(tmp_path: Path) -> None:
+    """The machine drifts between the in-process run and the served one: with a second in-process
+    run after it, the limit (and the in-process unit costs) are the mean of the two."""
+    _write(tmp_path, f"r1-{MB}-float32-inproc", _inproc(200.0))
+    after = _inproc(300.0)
+    after["prep_ms"] = 5.0  # unit cost 5 + 40 / 8 = 10 ms, against 3 + 5 = 8 before
+    _write(tmp_path, f"r1-{MB}-float32-inproc-after", after)
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64", _level(200.0))
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c1", _level(20.0, p50=18.0))
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64-cpu0", {"api": {"1": 0.0}, "worker": {"2": 0.0}})
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64-cpu1", {"api": {"1": 2.0}, "worker": {"2": 20.0}})
+    figures = cpu_summary.repeat_figures(tmp_path, 1, seconds=10.0)
+    assert figures["mb limit"] == pytest.approx(250.0)
+    assert figures["mb served/limit"] == pytest.approx(0.8)
+    assert figures["mb limit after / before"] == pytest.approx(1.5)
+    assert figures["mb in-process 1 image"] == pytest.approx(14.0)  # (3 + 10) and (5 + 10)
+    # 22 CPU seconds over 2,000 requests: 11 ms each, against a unit cost of (8 + 10) / 2
+    assert figures["mb CPU ms/req api+worker outside prep+forward"] == pytest.approx(11.0 - 9.0)
