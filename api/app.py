@@ -62,7 +62,10 @@ def predict(model: str) -> ResponseReturnValue:
         g.redbatch_served = True  # a bounded metric label: only names a live worker served
 
     args = (request.args.get("topk"), request.headers.get("X-Priority"), request.headers.get("X-Request-Timeout-Ms"))
-    return jsonify(inference.predict_v1(_queue(), _settings(), model, _image_body, *args, served))
+    answer, timing = inference.predict_v1(_queue(), _settings(), model, _image_body, *args, served)
+    resp = jsonify(answer)
+    resp.headers["Server-Timing"] = timing
+    return resp
 
 
 @bp.get("/v1/models")

@@ -63,7 +63,8 @@ class PredictFastPath:
             served = True
 
         try:
-            status, body, headers = 200, self._predict(environ, model, int(length), mark_served), []
+            body, timing = self._predict(environ, model, int(length), mark_served)
+            status, headers = 200, [("Server-Timing", timing)]
         except RedbatchError as exc:
             error = exc.code
             if exc.status >= 500:
@@ -85,7 +86,9 @@ class PredictFastPath:
         )
         return [data]
 
-    def _predict(self, environ: dict[str, Any], model: str, length: int, on_served: Callable[[], None]) -> Any:
+    def _predict(
+        self, environ: dict[str, Any], model: str, length: int, on_served: Callable[[], None]
+    ) -> tuple[dict[str, Any], str]:
         s = self._settings
         inference.check_api_key(environ["PATH_INFO"], environ.get("HTTP_AUTHORIZATION"), s.api_key_list)
 

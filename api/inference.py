@@ -5,7 +5,8 @@ frames queued and awaited."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flask import current_app, request
@@ -112,12 +113,14 @@ def predict_v1(
     priority: str | None,
     timeout_ms: str | None,
     on_served: Callable[[], object],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
     """``POST /v1/models/<model>/predict`` without its HTTP layer: the query's ``topk``, the
     ``X-Priority`` and ``X-Request-Timeout-Ms`` headers as given (None when absent), the body read
     when it is due (its errors come after the parameters' and before the model's), ``on_served``
-    called once a live worker is known to serve ``model``. The answer's fields, in order; raises a
-    ``RedbatchError`` for the client. Both the WSGI fast path and the Flask route run this."""
+    called once a live worker is known to serve ``model``. The answer's fields, in order, and its
+    ``Server-Timing`` header (``server_timing``); raises a ``RedbatchError`` for the client. Both
+    the WSGI fast path and the Flask route run this."""
+    t0 = time.perf_counter()
     received_ms = now_ms()
     deadline = deadline_from(received_ms, timeout_ms, s.request_timeout_s)
     k = parse_topk(topk)
@@ -127,7 +130,9 @@ def predict_v1(
     on_served()
     tensor = model_input(data, info.spec, s.max_image_pixels)
     req = new_request(model, deadline, tensor, k, level)
+    t_sent = time.perf_counter()
     (reply,) = [_checked(r) for r in q.call_all([req], level)]
+    waited_s = time.perf_counter() - t_sent
     assert reply.result is not None
     res = reply.result
     answer: dict[str, Any] = {"id": req.id, "model": model}
@@ -138,7 +143,27 @@ def predict_v1(
     else:  # a user's own handler: its result as it is (e.g. {"embedding": [...]})
         answer["outputs"] = res
     answer.update((f, reply.meta.get(f)) for f in ("batch_size", "queue_ms", "infer_ms"))
-    return answer
+    return answer, server_timing(reply.meta, (time.perf_counter() - t0 - waited_s) * 1000.0, waited_s * 1000.0)
+
+
+TIMED = (("prep", "prep_ms"), ("batch", "wait_ms"), ("infer", "infer_ms"))
+
+
+def server_timing(meta: Mapping[str, Any], api_ms: float, waited_ms: float) -> str:
+    """An answer's ``Server-Timing`` header: where its time went, in ms. ``api``: the API's own
+    part (``api_ms``: checking, framing, answering); of the ``waited_ms`` for the reply, ``queue``:
+    the part the worker did not hold it (the Redis hops both ways, and waiting in Redis behind
+    other work), and the worker's (``meta``): ``prep`` from its take to its input ready (decoding
+    it and those taken before it), ``batch`` waiting for its batch to form and a lane, ``infer``
+    the pass. From a worker that does not time its part, ``api`` and ``wait`` (all of it)."""
+    parts = [("api", api_ms)]
+    held = meta.get("held_ms")
+    if isinstance(held, (int, float)) and all(isinstance(meta.get(k), (int, float)) for _, k in TIMED):
+        parts.append(("queue", max(waited_ms - held, 0.0)))
+        parts += [(name, max(float(meta[k]), 0.0)) for name, k in TIMED]
+    else:
+        parts.append(("wait", waited_ms))
+    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in parts)
 
 
 def body_too_large(max_body_bytes: int) -> PayloadTooLarge:

@@ -57,6 +57,16 @@ PRIORITY = {
     "required": False,
     "schema": {"type": "string", "enum": ["high", "normal", "low"], "default": "normal"},
 }
+SERVER_TIMING = {
+    "required": True,
+    "description": "Where the request's time went, in ms: `api` (the API's own part), `queue` (the Redis hops and "
+    "waiting in Redis), `prep` (the worker preparing its input), `batch` (waiting for its batch and a lane), "
+    "`infer` (the pass); from a worker that does not time its part, `api` and `wait`",
+    "schema": {
+        "type": "string",
+        "example": "api;dur=0.231, queue;dur=1.458, prep;dur=2.381, batch;dur=0.201, infer;dur=6.160",
+    },
+}
 KEY: list[dict[str, list[str]]] = [{"bearer": []}, {}]  # only when REDBATCH_API_KEYS is set
 BINARY = {"type": "string", "format": "binary"}
 NULLABLE_INT = {"type": ["integer", "null"]}
@@ -229,7 +239,7 @@ PATHS: dict[str, Any] = {
         "post": _op(
             "Classify one image",
             {
-                "200": _json(_ref("PredictResponse"), "The model's top k"),
+                "200": _json(_ref("PredictResponse"), "The model's top k", {"Server-Timing": SERVER_TIMING}),
                 **_errors("Error", 400, 401, 404, 413, 415, 500, 503, 504),
             },
             parameters=[

@@ -6,8 +6,11 @@ Prints the median latency, the median of the worker's own step (``infer_ms`` in 
 preprocess, forward and postprocess on its main thread), the median of their difference: the
 path (HTTP, the API, Redis, queueing, and on a CPU with ``--preprocess worker`` the decoding), and
 of that the median ``queue_ms``: from the API's enqueue to the step's start (the Redis hop, the
-worker's take, decoding and the hand-over to the lane; whole milliseconds of the wall clock). The
-images are ``redbatch bench``'s generated 640x480 JPEGs; the first 10 requests are not counted.
+worker's take, decoding and the hand-over to the lane; whole milliseconds of the wall clock). Then
+the median of each part of the answers' ``Server-Timing`` header (api, queue, prep, batch, infer:
+``api/inference.py``'s ``server_timing``) and the rest of the client's time (``http``: the HTTP
+exchange, the server's and this client's parsing). The images are ``redbatch bench``'s generated
+640x480 JPEGs; the first 10 requests are not counted.
 """
 
 from __future__ import annotations
@@ -31,23 +34,41 @@ def main(url: str, model: str, n: int) -> str:
     total_ms: list[float] = []
     infer_ms: list[float] = []
     queue_ms: list[float] = []
+    spans: dict[str, list[float]] = {}
     for i in range(n + WARMUP):
         t0 = time.perf_counter()
         conn.request("POST", f"/v1/models/{model}/predict", bodies[i % len(bodies)], {"Content-Type": "image/jpeg"})
         resp = conn.getresponse()
         answer = json.loads(resp.read())
+        timing = parse_server_timing(resp.getheader("Server-Timing") or "")
         if resp.status != 200:
             raise SystemExit(f"HTTP {resp.status}: {answer}")
         if i >= WARMUP:
             total_ms.append((time.perf_counter() - t0) * 1000.0)
             infer_ms.append(float(answer.get("infer_ms") or 0.0))
             queue_ms.append(float(answer.get("queue_ms") or 0.0))
+            timing["http"] = total_ms[-1] - sum(timing.values())
+            for name, ms in timing.items():
+                spans.setdefault(name, []).append(ms)
     outside = statistics.median(t - f for t, f in zip(total_ms, infer_ms))
     queue = statistics.median(queue_ms)
+    split = ", ".join(f"{name} {statistics.median(ms):.2f}" for name, ms in spans.items())
     return (
         f"p50 {statistics.median(total_ms):.2f} ms, step {statistics.median(infer_ms):.2f}, "
-        f"outside {outside:.2f} (queue {queue:.1f})"
+        f"outside {outside:.2f} (queue {queue:.1f}); {split}"
     )
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``{name: ms}`` of a ``Server-Timing`` header's ``name;dur=ms`` entries."""
+    out: dict[str, float] = {}
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name and key == "dur":
+                out[name] = float(value)
+    return out
 
 
 if __name__ == "__main__":

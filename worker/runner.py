@@ -67,6 +67,8 @@ class _Item:
     raw: bytes
     req: Request
     x: Any  # what the handler's ``preprocess`` takes for this request (``prepare``'s output, or the input)
+    taken: float = 0.0  # perf_counter when the collector's take returned it
+    ready: float = 0.0  # perf_counter when its input was prepared, into the buffer
 
 
 class Worker:
@@ -239,9 +241,9 @@ class Worker:
                 continue
             if raws:
                 self._taken += len(raws)
-                self._admit_all(raws)
+                self._admit_all(raws, time.perf_counter())
 
-    def _admit_all(self, raws: list[bytes]) -> None:
+    def _admit_all(self, raws: list[bytes], taken: float) -> None:
         """Decode, check and prepare frames as they are popped, each into the buffer as soon as it
         is ready (this thread's decoding overlaps the forward pass), or all of them with one call
         of a handler that ``prepares_batches``; answer the ones that cannot run."""
@@ -253,6 +255,9 @@ class Worker:
                 checked = [self._check(raw, counts) for raw in raws]
                 rejected = [c for c in checked if isinstance(c, Outgoing)]
                 items = self._prepare_together([c for c in checked if isinstance(c, _Item)], counts, rejected)
+                ready = time.perf_counter()
+                for it in items:
+                    it.taken, it.ready = taken, ready
                 self._admitting = 0  # first: a lane woken by the put must not count them twice
                 if items:
                     self.buffer.put(items)
@@ -261,6 +266,7 @@ class Worker:
                     got = self._admit(raw, counts)
                     self._admitting -= 1  # first: a lane woken by the put must not count it twice
                     if isinstance(got, _Item):
+                        got.taken, got.ready = taken, time.perf_counter()
                         self.buffer.put([got])
                     else:
                         rejected.append(got)
@@ -448,7 +454,8 @@ class Worker:
                 logger.exception("batch of %d failed; retrying in halves", len(items))
             mid = len(items) // 2
             return self._run(items[:mid], counts) + self._run(items[mid:], counts)
-        infer_ms = (time.perf_counter() - t0) * 1000.0
+        t1 = time.perf_counter()
+        infer_ms = (t1 - t0) * 1000.0
         threads = torch.get_num_threads()
         # The CPU the pass held: its thread's own, or on several threads all of them for its
         # length (OpenMP's threads work or spin through a pass; their time is not this thread's).
@@ -469,6 +476,7 @@ class Worker:
                         "batch_size": len(items),
                         "queue_ms": max(start_ms - it.req.sent_ms, 0) if it.req.sent_ms else 0,
                         "infer_ms": round(infer_ms, 3),
+                        **_held(it, t0, t1),
                     },
                 ),
             )
@@ -563,6 +571,20 @@ def pad_batch(x: torch.Tensor, buckets: list[int]) -> torch.Tensor:
     fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
     padded = torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
     return padded.contiguous(memory_format=fmt) if fmt is not None else padded
+
+
+def _held(it: _Item, start: float, end: float) -> dict[str, float]:
+    """Where the worker held ``it``, in ms (the API's ``Server-Timing``): preparing its input
+    (from the take), waiting for its batch and a lane, and in all until its reply was made
+    (``end``: the pass's end). Nothing for an item with no take time (not from the collector)."""
+    if not it.taken:
+        return {}
+    ms = 1000.0
+    return {
+        "prep_ms": round((it.ready - it.taken) * ms, 3),
+        "wait_ms": round((start - it.ready) * ms, 3),
+        "held_ms": round((end - it.taken) * ms, 3),
+    }
 
 
 def _is_oom(exc: BaseException) -> bool:
