@@ -157,10 +157,9 @@ def server_timing(meta: Mapping[str, Any], api_ms: float, waited_ms: float) -> s
     it and those taken before it), ``batch`` waiting for its batch to form and a lane, ``infer``
     the pass. From a worker that does not time its part, ``api`` and ``wait`` (all of it)."""
     parts = [("api", api_ms)]
-    held = meta.get("held_ms")
-    if isinstance(held, (int, float)) and all(isinstance(meta.get(k), (int, float)) for _, k in TIMED):
-        parts.append(("queue", max(waited_ms - held, 0.0)))
-        parts += [(name, max(float(meta[k]), 0.0)) for name, k in TIMED]
+    if all(isinstance(meta.get(k), (int, float)) for _, k in TIMED):
+        worker = [(name, max(float(meta[k]), 0.0)) for name, k in TIMED]
+        parts += [("queue", max(waited_ms - sum(ms for _, ms in worker), 0.0)), *worker]
     else:
         parts.append(("wait", waited_ms))
     return ", ".join(f"{name};dur={ms:.3f}" for name, ms in parts)

@@ -2,7 +2,7 @@
 
 Request: ``{v, id, model, deadline_ms, sent_ms, input: {dtype, shape, data}, params: {...}}``
 Reply:   ``{v, id, ok, result | error: {code, message}, meta: {worker, batch_size, queue_ms, infer_ms}}``
-         (and from a worker that times them, ``prep_ms``, ``wait_ms`` and ``held_ms`` in ``meta``)
+         (and from a worker that times them, ``prep_ms`` and ``wait_ms`` in ``meta``)
 
 ``deadline_ms`` and ``sent_ms`` are wall-clock milliseconds since the epoch: they cross machines.
 The ``*_ms`` of ``meta`` but ``queue_ms`` are durations on the worker's own clock.

@@ -454,8 +454,7 @@ class Worker:
                 logger.exception("batch of %d failed; retrying in halves", len(items))
             mid = len(items) // 2
             return self._run(items[:mid], counts) + self._run(items[mid:], counts)
-        t1 = time.perf_counter()
-        infer_ms = (t1 - t0) * 1000.0
+        infer_ms = (time.perf_counter() - t0) * 1000.0
         threads = torch.get_num_threads()
         # The CPU the pass held: its thread's own, or on several threads all of them for its
         # length (OpenMP's threads work or spin through a pass; their time is not this thread's).
@@ -476,7 +475,7 @@ class Worker:
                         "batch_size": len(items),
                         "queue_ms": max(start_ms - it.req.sent_ms, 0) if it.req.sent_ms else 0,
                         "infer_ms": round(infer_ms, 3),
-                        **_held(it, t0, t1),
+                        **_held(it, t0),
                     },
                 ),
             )
@@ -573,18 +572,13 @@ def pad_batch(x: torch.Tensor, buckets: list[int]) -> torch.Tensor:
     return padded.contiguous(memory_format=fmt) if fmt is not None else padded
 
 
-def _held(it: _Item, start: float, end: float) -> dict[str, float]:
-    """Where the worker held ``it``, in ms (the API's ``Server-Timing``): preparing its input
-    (from the take), waiting for its batch and a lane, and in all until its reply was made
-    (``end``: the pass's end). Nothing for an item with no take time (not from the collector)."""
+def _held(it: _Item, start: float) -> dict[str, float]:
+    """Where the worker held ``it`` before its pass (``start``), in ms (the API's ``Server-Timing``):
+    preparing its input (from the take), then waiting for its batch and a lane. Nothing for an item
+    with no take time (not from the collector)."""
     if not it.taken:
         return {}
-    ms = 1000.0
-    return {
-        "prep_ms": round((it.ready - it.taken) * ms, 3),
-        "wait_ms": round((start - it.ready) * ms, 3),
-        "held_ms": round((end - it.taken) * ms, 3),
-    }
+    return {"prep_ms": round((it.ready - it.taken) * 1000.0, 3), "wait_ms": round((start - it.ready) * 1000.0, 3)}
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -12,17 +12,17 @@ import lone
 
 WORKER_META = {
     **{"worker": "w", "batch_size": 3, "queue_ms": 4, "infer_ms": 6.25},
-    **{"prep_ms": 2.5, "wait_ms": 0.125, "held_ms": 9.0},
+    **{"prep_ms": 2.625, "wait_ms": 0.125},
 }
 
 
 def test_the_wait_splits_into_redis_and_the_workers_parts() -> None:
     header = server_timing(WORKER_META, api_ms=0.4, waited_ms=10.0)
-    assert header == "api;dur=0.400, queue;dur=1.000, prep;dur=2.500, batch;dur=0.125, infer;dur=6.250"
+    assert header == "api;dur=0.400, queue;dur=1.000, prep;dur=2.625, batch;dur=0.125, infer;dur=6.250"
     assert lone.parse_server_timing(header) == {
         "api": 0.4,
         "queue": 1.0,
-        "prep": 2.5,
+        "prep": 2.625,
         "batch": 0.125,
         "infer": 6.25,
     }
@@ -35,7 +35,7 @@ def test_a_worker_that_does_not_time_its_part_leaves_the_wait_whole() -> None:
 
 def test_odd_values_from_redis_never_break_the_header() -> None:
     # a frame of another version, or written by hand: strings, nulls, a hold longer than the wait
-    assert server_timing({**WORKER_META, "held_ms": "9"}, 0.1, 2.0) == "api;dur=0.100, wait;dur=2.000"
+    assert server_timing({**WORKER_META, "wait_ms": "9"}, 0.1, 2.0) == "api;dur=0.100, wait;dur=2.000"
     assert server_timing({**WORKER_META, "prep_ms": None}, 0.1, 2.0) == "api;dur=0.100, wait;dur=2.000"
     clamped = lone.parse_server_timing(server_timing({**WORKER_META, "wait_ms": -0.5}, 0.1, 2.0))
     assert clamped["queue"] == 0.0 and clamped["batch"] == 0.0
