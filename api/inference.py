@@ -165,6 +165,14 @@ def server_timing(meta: Mapping[str, Any], api_ms: float, waited_ms: float) -> s
     return ", ".join(f"{name};dur={ms:.3f}" for name, ms in parts)
 
 
+def slowest_parts(metas: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The worker's parts of several replies (one /v2 request's images) for one header: each part
+    the largest among them; none unless every reply timed them (the header then says ``wait``)."""
+    if not metas or not all(isinstance(m.get(k), (int, float)) for m in metas for _, k in TIMED):
+        return {}
+    return {k: max(float(m[k]) for m in metas) for _, k in TIMED}
+
+
 def body_too_large(max_body_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the body is larger than {max_body_bytes} bytes")
 

@@ -342,7 +342,14 @@ PATHS: dict[str, Any] = {
                         f"The outputs; with any output in binary, the JSON ({HEADER_LENGTH} bytes) and then "
                         "each binary output's bytes, in order"
                     ),
-                    "headers": {HEADER_LENGTH: {"required": False, "schema": {"type": "integer", "minimum": 0}}},
+                    "headers": {
+                        HEADER_LENGTH: {"required": False, "schema": {"type": "integer", "minimum": 0}},
+                        "Server-Timing": {
+                            **SERVER_TIMING,
+                            "description": f"{SERVER_TIMING['description']}; of several images, each of the "
+                            "worker's parts is the largest among them",
+                        },
+                    },
                     "content": {
                         "application/json": {"schema": _ref("InferenceResponse")},
                         "application/octet-stream": {"schema": BINARY},

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +128,7 @@ def model_ready(model: str) -> ResponseReturnValue:
 @bp.post("/models/<model>/infer")
 def infer(model: str) -> ResponseReturnValue:
     settings = inference.settings()
-    received_ms = now_ms()
+    t0, received_ms = time.perf_counter(), now_ms()
     header, tail = _read_body()
     params = _object(header.get("parameters"), "parameters")
     topk = inference.parse_topk(params.get("topk"))
@@ -143,12 +144,19 @@ def infer(model: str) -> ResponseReturnValue:
     g.redbatch_served = True  # for the API's metrics, as in /v1's predict
     images = _images(tensor, info.spec, settings.max_image_pixels)
     reqs = [inference.new_request(model, deadline_ms, t, topk, priority) for t in images]
+    t_sent = time.perf_counter()
     replies = inference.call_all(reqs, priority)
+    waited_s = time.perf_counter() - t_sent
     results = [r.result or {} for r in replies]
     meta = {k: max(r.meta.get(k) or 0 for r in replies) for k in ("batch_size", "queue_ms", "infer_ms")}
     body = {"model_name": model, "id": client_id or reqs[0].id, "parameters": meta}
     tensors = _tensors(results)
-    return _respond(body, tensors, wanted or [(name, binary_default) for name in tensors])
+    resp = _respond(body, tensors, wanted or [(name, binary_default) for name in tensors])
+    # As /v1's: the API's own part, then the wait for the replies split by the slowest image's parts.
+    api_ms = (time.perf_counter() - t0 - waited_s) * 1000.0
+    worker = inference.slowest_parts([r.meta for r in replies])
+    resp.headers["Server-Timing"] = inference.server_timing(worker, api_ms, waited_s * 1000.0)
+    return resp
 
 
 # ---- the request ------------------------------------------------------------------------------

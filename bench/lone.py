@@ -23,6 +23,7 @@ import time
 from urllib.parse import urlsplit
 
 from common.bench import load_bodies
+from common.client import parse_server_timing
 
 WARMUP = 10
 
@@ -40,7 +41,7 @@ def main(url: str, model: str, n: int) -> str:
         conn.request("POST", f"/v1/models/{model}/predict", bodies[i % len(bodies)], {"Content-Type": "image/jpeg"})
         resp = conn.getresponse()
         answer = json.loads(resp.read())
-        timing = parse_server_timing(resp.getheader("Server-Timing") or "")
+        timing = parse_server_timing(resp.getheader("Server-Timing"))
         if resp.status != 200:
             raise SystemExit(f"HTTP {resp.status}: {answer}")
         if i >= WARMUP:
@@ -57,18 +58,6 @@ def main(url: str, model: str, n: int) -> str:
         f"p50 {statistics.median(total_ms):.2f} ms, step {statistics.median(infer_ms):.2f}, "
         f"outside {outside:.2f} (queue {queue:.1f}); {split}"
     )
-
-
-def parse_server_timing(header: str) -> dict[str, float]:
-    """``{name: ms}`` of a ``Server-Timing`` header's ``name;dur=ms`` entries."""
-    out: dict[str, float] = {}
-    for entry in header.split(","):
-        name, _, params = entry.strip().partition(";")
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if name and key == "dur":
-                out[name] = float(value)
-    return out
 
 
 if __name__ == "__main__":

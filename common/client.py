@@ -3,6 +3,7 @@
     with Client("http://127.0.0.1:8000") as c:
         p = c.predict("cat.jpg", "resnet18", topk=3)
         print(p.predictions[0].label, p.batch_size)
+        print(p.total_ms, p.timing)  # this client's wall time; the service's Server-Timing parts
 
 Connections: each thread keeps one keep-alive ``http.client`` connection per client, so a client
 can be shared by threads and reuses its connections; ``close`` closes them all.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import math
 import os
 import random
 import selectors
@@ -76,7 +78,13 @@ class Scored(NamedTuple):
 
 @dataclass(frozen=True)
 class Prediction:
-    """The answer to one image: the service's JSON, typed."""
+    """The answer to one image: the service's JSON, typed.
+
+    ``timing``: where the service says the request's time went (its ``Server-Timing`` header, in
+    ms and in its order: ``api``, ``queue``, ``prep``, ``batch``, ``infer``; empty when it sent
+    none); ``total_ms``: this client's wall time for the attempt that was answered, from sending
+    the request to reading the answer (``http_ms`` is what the service's parts leave of it).
+    """
 
     id: str
     model: str
@@ -84,9 +92,13 @@ class Prediction:
     batch_size: int | None
     queue_ms: float | None
     infer_ms: float | None
+    timing: dict[str, float] = field(default_factory=dict)
+    total_ms: float | None = None
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> Prediction:
+    def from_json(
+        cls, doc: Mapping[str, Any], timing: Mapping[str, float] | None = None, total_ms: float | None = None
+    ) -> Prediction:
         return cls(
             id=str(doc["id"]),
             model=str(doc["model"]),
@@ -94,7 +106,35 @@ class Prediction:
             batch_size=doc.get("batch_size"),
             queue_ms=doc.get("queue_ms"),
             infer_ms=doc.get("infer_ms"),
+            timing=dict(timing or {}),
+            total_ms=total_ms,
         )
+
+    @property
+    def http_ms(self) -> float | None:
+        """The client's wall time beyond the service's parts: the HTTP exchange and both ends'
+        parsing (None without the service's timing)."""
+        if self.total_ms is None or not self.timing:
+            return None
+        return max(self.total_ms - sum(self.timing.values()), 0.0)
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """``{name: ms}`` from a ``Server-Timing`` header's ``name;dur=ms`` entries, in order; entries
+    without a readable ``dur`` are left out (a header is the server's, or a proxy's, to garble)."""
+    out: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if name and key.strip().lower() == "dur":
+                try:
+                    ms = float(value.strip().strip('"'))
+                except ValueError:
+                    continue
+                if math.isfinite(ms):
+                    out[name] = ms
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,6 +202,16 @@ def content_type_of(data: bytes) -> str:
     return "application/octet-stream"
 
 
+class _Answer(NamedTuple):
+    """One attempt's answer: what the client reads of it."""
+
+    status: int
+    retry_after: str | None
+    server_timing: str | None
+    data: bytes
+    elapsed_ms: float  # from sending the request to reading the answer
+
+
 class _Sent(Exception):
     """Wraps a failure that happened after the request was fully written."""
 
@@ -220,21 +270,21 @@ class Client:
             headers["X-Request-Timeout-Ms"] = str(int(timeout_ms))
             read_timeout_s = max(read_timeout_s, timeout_ms / 1000 + TIMEOUT_MARGIN_S)
         path = f"/v1/models/{urllib.parse.quote(model, safe='')}/predict?topk={int(topk)}"
-        doc = self._json("POST", path, data, headers, idempotent=False, timeout_s=read_timeout_s)
-        return Prediction.from_json(doc)
+        doc, answer = self._call("POST", path, data, headers, idempotent=False, timeout_s=read_timeout_s)
+        return Prediction.from_json(doc, parse_server_timing(answer.server_timing), answer.elapsed_ms)
 
     def models(self) -> list[dict[str, Any]]:
         """The models live workers serve: name, input spec, max batch size, live workers, devices."""
-        models: list[dict[str, Any]] = self._json("GET", "/v1/models", None, {}, idempotent=True)["models"]
+        models: list[dict[str, Any]] = self._call("GET", "/v1/models", None, {}, idempotent=True)[0]["models"]
         return models
 
     def ready(self) -> bool:
         """Whether the service answers ``/readyz`` with 200 (Redis up, a live worker); one attempt."""
         try:
-            status, _, _ = self._send("GET", "/readyz", None, {}, self.timeout_s)
+            answer = self._send("GET", "/readyz", None, {}, self.timeout_s)
         except (_Sent, OSError, http.client.HTTPException):
             return False
-        return status == 200
+        return answer.status == 200
 
     def close(self) -> None:
         """Close every thread's connection; the client stays usable (it reconnects)."""
@@ -251,7 +301,7 @@ class Client:
 
     # ---- transport -----------------------------------------------------------------------------
 
-    def _json(
+    def _call(
         self,
         method: str,
         path: str,
@@ -259,13 +309,14 @@ class Client:
         headers: dict[str, str],
         idempotent: bool,
         timeout_s: float | None = None,
-    ) -> dict[str, Any]:
-        """One request with its retries; the decoded JSON body of a 2xx answer, or a raised error."""
+    ) -> tuple[dict[str, Any], _Answer]:
+        """One request with its retries: the decoded JSON body of a 2xx answer and the answer, or a
+        raised error."""
         attempt = 0
         while True:
             delay_s: float | None
             try:
-                status, retry_after, data = self._send(method, path, body, headers, timeout_s or self.timeout_s)
+                answer = self._send(method, path, body, headers, timeout_s or self.timeout_s)
             except (_Sent, OSError, http.client.HTTPException) as exc:
                 sent = isinstance(exc, _Sent)
                 cause = exc.cause if isinstance(exc, _Sent) else exc
@@ -273,23 +324,23 @@ class Client:
                 if delay_s is None:
                     raise _transport_error(self.base_url, cause, sent) from cause
             else:
-                if 200 <= status < 300:
-                    return _json_body(status, data)
-                delay_s = self.policy.after_status(attempt, status, retry_after)
+                if 200 <= answer.status < 300:
+                    return _json_body(answer.status, answer.data), answer
+                delay_s = self.policy.after_status(attempt, answer.status, answer.retry_after)
                 if delay_s is None:
-                    raise _http_error(status, data)
+                    raise _http_error(answer.status, answer.data)
             attempt += 1
             self.sleep(delay_s)
 
-    def _send(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout_s: float
-    ) -> tuple[int, str | None, bytes]:
-        """One attempt: status, Retry-After and body. Failures while writing the request raise as
-        they are; failures after it was written raise ``_Sent``. The connection is dropped on any."""
+    def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout_s: float) -> _Answer:
+        """One attempt: status, Retry-After, Server-Timing, body and the time taken. Failures while
+        writing the request raise as they are; failures after it was written raise ``_Sent``. The
+        connection is dropped on any."""
         conn = self._connection()
         conn.timeout = timeout_s
         if conn.sock is not None:
             conn.sock.settimeout(timeout_s)
+        t0 = time.perf_counter()
         try:
             conn.request(method, self._path + path, body=body, headers={**self._headers, **headers})
         except BaseException:
@@ -304,7 +355,8 @@ class Client:
         except BaseException:  # KeyboardInterrupt: the connection is in an unknown state
             conn.close()
             raise
-        return resp.status, resp.getheader("Retry-After"), data
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        return _Answer(resp.status, resp.getheader("Retry-After"), resp.getheader("Server-Timing"), data, elapsed_ms)
 
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)

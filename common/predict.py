@@ -2,6 +2,8 @@
 
 Images are sent concurrently (``--concurrency``, so the service can batch them) through
 ``common.client.Client``; the report lists them in the order given. Exit status 1 if any failed.
+``--timing`` adds a line per image: this client's wall time and where the service says it went
+(its ``Server-Timing`` parts, and ``http``: what they leave of the client's time).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--api-key", help="sent as 'Authorization: Bearer KEY' when the service needs one")
     add("--timeout-ms", type=int, help="ask the service for a shorter deadline (X-Request-Timeout-Ms)")
     add("--concurrency", type=int, default=8, help="images in flight at once (default 8)")
+    add("--timing", action="store_true", help="show where each request's time went (the service's Server-Timing)")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
         with ThreadPoolExecutor(max(1, min(args.concurrency, len(args.images)))) as pool:
             outcomes = list(pool.map(one, args.images))
-    out.write(format_report(list(zip(args.images, outcomes))))
+    out.write(format_report(list(zip(args.images, outcomes)), timing=args.timing))
     failed = sum(not isinstance(o, Prediction) for o in outcomes)
     if failed:
         print(f"redbatch predict: {failed} of {len(outcomes)} images failed", file=sys.stderr)
@@ -62,8 +65,9 @@ def classify(client: Client, name: str, model: str, topk: int, timeout_ms: int |
         return f"{exc.code}: {exc.message}"
 
 
-def format_report(results: Sequence[tuple[str, Outcome]]) -> str:
-    """One block per image: a heading line, then one aligned line per class (index, label, score)."""
+def format_report(results: Sequence[tuple[str, Outcome]], timing: bool = False) -> str:
+    """One block per image: a heading line, with ``timing`` a line of where its time went, then one
+    aligned line per class (index, label, score)."""
     preds = [p for _, o in results if isinstance(o, Prediction) for p in o.predictions]
     index_w = max((len(str(p.index)) for p in preds), default=1)
     label_w = max((len(p.label) for p in preds), default=1)
@@ -74,9 +78,20 @@ def format_report(results: Sequence[tuple[str, Outcome]]) -> str:
             continue
         lines = [f"{name}: {got.model}, batch {_num(got.batch_size)}, queue {_num(got.queue_ms)} ms, "
                  f"infer {_num(got.infer_ms)} ms"]  # fmt: skip
+        if timing:
+            lines.append(format_timing(got))
         lines += [f"  {p.index:>{index_w}}  {p.label:<{label_w}}  {p.score:.4f}" for p in got.predictions]
         blocks.append("\n".join(lines))
     return "\n".join(blocks) + "\n"
+
+
+def format_timing(p: Prediction) -> str:
+    """``  time 8.10 ms: api 0.20, queue 0.71, prep 1.88, batch 0.12, infer 4.62, http 0.57``: this
+    client's wall time, then the service's parts in its order and what they leave of it."""
+    parts = [*p.timing.items(), ("http", p.http_ms)] if p.timing else []
+    split = ", ".join(f"{name} {ms:.2f}" for name, ms in parts if ms is not None)
+    total = "?" if p.total_ms is None else f"{p.total_ms:.2f}"
+    return f"  time {total} ms" + (f": {split}" if split else " (the service sent no Server-Timing)")
 
 
 def _only_model(client: Client) -> str:

@@ -36,6 +36,10 @@ def test_predict_returns_the_services_answer(service: Service, tmp_path: Path) -
         assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
         assert all(isinstance(s.label, str) and 0 <= s.index < 1000 for s in p.predictions)
         assert p.batch_size is not None and p.batch_size >= 1 and p.infer_ms is not None
+        # where its time went, from the service's Server-Timing, within this client's own time
+        assert list(p.timing) == ["api", "queue", "prep", "batch", "infer"] and p.timing["infer"] == p.infer_ms
+        assert p.total_ms is not None and p.http_ms is not None and p.http_ms > 0
+        assert all(ms >= 0 for ms in p.timing.values()) and sum(p.timing.values()) < p.total_ms
 
         path = tmp_path / "cat.jpg"
         path.write_bytes(make_image(1))
@@ -79,13 +83,17 @@ def test_redbatch_predict_prints_labels_and_scores(service: Service, tmp_path: P
         images.append(tmp_path / f"img{seed}.jpg")
         images[-1].write_bytes(make_image(seed))
     cmd = [sys.executable, "-m", "common.cli", "predict", *map(str, images), "--url", service.url, "--topk", "3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run([*cmd, "--timing"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 3 * 4  # a heading and 3 classes per image
+    assert len(lines) == 3 * 5  # a heading, where the time went and 3 classes per image
     for i, path in enumerate(images):
-        heading, *classes = lines[4 * i : 4 * i + 4]
+        heading, timed, *classes = lines[5 * i : 5 * i + 5]
         assert heading.startswith(f"{path}: {ARCH}, batch ")  # --model defaults to the only one served
+        total, parts = timed.removeprefix("  time ").split(" ms: ")
+        split = dict(part.split() for part in parts.split(", "))
+        assert list(split) == ["api", "queue", "prep", "batch", "infer", "http"]
+        assert abs(sum(map(float, split.values())) - float(total)) < 0.05  # the parts add up to the client's time
         scores = [float(ln.split()[-1]) for ln in classes]
         assert scores == sorted(scores, reverse=True)
         assert len({ln.rindex(" ") for ln in classes}) == 1  # the score column is aligned

@@ -62,6 +62,12 @@ def expected_top1(pixel_value: int) -> int:
     return min(range(10), key=lambda c: abs(pixel_value - 25.5 * c))
 
 
+def server_timing(header: str | None) -> dict[str, float]:
+    """An answer's ``Server-Timing`` parts, read strictly (exactly the service's own format)."""
+    assert header, "an answer without Server-Timing"
+    return {name: float(dur.removeprefix("dur=")) for name, _, dur in (e.partition(";") for e in header.split(", "))}
+
+
 class OomHandler(TinyHandler):
     """Runs out of device memory on any batch larger than ``fits``."""
 

@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     RunningWorker,
     TinyHandler,
     expected_top1,
+    server_timing,
     wait_registered,
 )
 from worker.broker import WorkerBroker
@@ -97,11 +98,6 @@ def test_a_late_reply_expires_on_its_own(
     assert r.hget(s.keys.stats("tiny"), "expired") == b"1"
 
 
-def _server_timing(header: str | None) -> dict[str, float]:
-    assert header, "an answer without Server-Timing"
-    return {name: float(dur.removeprefix("dur=")) for name, _, dur in (e.partition(";") for e in header.split(", "))}
-
-
 def test_predict_answers_with_the_models_result(tiny: Settings, start_worker: Callable[..., RunningWorker]) -> None:
     start_worker()
     client = _client(tiny)
@@ -111,7 +107,7 @@ def test_predict_answers_with_the_models_result(tiny: Settings, start_worker: Ca
         wall_ms = (time.perf_counter() - t0) * 1000.0
         assert resp.status_code == 200, resp.get_json()
         # where its time went: the API's part, Redis's, and the worker's; within what the client waited
-        timing = _server_timing(resp.headers.get("Server-Timing"))
+        timing = server_timing(resp.headers.get("Server-Timing"))
         assert list(timing) == ["api", "queue", "prep", "batch", "infer"]
         assert all(ms >= 0 for ms in timing.values()) and sum(timing.values()) <= wall_ms
         assert timing["infer"] == resp.get_json()["infer_ms"]
@@ -196,7 +192,7 @@ def test_a_raw_body_and_a_multipart_upload_get_the_same_answer(
         return
     a, b = raw.get_json(), form.get_json()
     assert list(a) == list(b) == ["id", "model", "predictions", "batch_size", "queue_ms", "infer_ms"]
-    assert list(_server_timing(raw.headers.get("Server-Timing"))) == list(_server_timing(form.headers["Server-Timing"]))
+    assert list(server_timing(raw.headers.get("Server-Timing"))) == list(server_timing(form.headers["Server-Timing"]))
     assert a["id"] != b["id"] and a["predictions"] == b["predictions"] and len(a["predictions"]) == 3
     assert a["predictions"][0]["index"] == expected_top1(200)
 

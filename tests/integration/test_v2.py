@@ -11,7 +11,7 @@ import redis
 
 from api.app import create_app
 from common.config import Settings
-from tests.integration.conftest import RunningWorker, TinyHandler, expected_top1
+from tests.integration.conftest import RunningWorker, TinyHandler, expected_top1, server_timing
 from worker.broker import WorkerBroker
 
 
@@ -32,12 +32,19 @@ def test_the_images_of_one_request_share_a_batch_and_come_back_in_order(
     worker = start_worker(window_ms=200.0)  # long enough that a batch never leaves half-full here
     client = create_app(settings.replace(model="tiny", request_timeout_s=5.0)).test_client()
     values = [10, 60, 110, 160, 210, 250, 30, 90]
+    t0 = time.perf_counter()
     resp = client.post("/v2/models/tiny/infer", json={"inputs": [_pixels(values)], "parameters": {"topk": 1}})
+    wall_ms = (time.perf_counter() - t0) * 1000.0
     assert resp.status_code == 200, resp.get_json()
     body = resp.get_json()
     indices = next(o for o in body["outputs"] if o["name"] == "indices")
     assert indices["shape"] == [8, 1] and indices["data"] == [expected_top1(v) for v in values]
     assert worker.handler.batch_sizes == [8] and body["parameters"]["batch_size"] == 8
+    # where the request's time went, as /v1 says it; the batch waited out most of its 200 ms window
+    timing = server_timing(resp.headers.get("Server-Timing"))
+    assert list(timing) == ["api", "queue", "prep", "batch", "infer"]
+    assert all(ms >= 0 for ms in timing.values()) and sum(timing.values()) <= wall_ms
+    assert timing["infer"] == body["parameters"]["infer_ms"] and timing["batch"] > 100
 
 
 def test_api_keys_guard_v2_models_but_not_its_probes(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import math
 import time
 
 import pytest
@@ -121,6 +122,11 @@ def test_prediction_from_the_services_json() -> None:
     index, label, score = p.predictions[1]
     assert (index, label, score) == (5, "x", 0.1)
     assert (p.batch_size, p.queue_ms, p.infer_ms) == (7, 5, 14.807)
+    assert (p.timing, p.total_ms, p.http_ms) == ({}, None, None)  # nothing about time was given
+
+    timed = Prediction.from_json(doc, {"api": 0.25, "queue": 1.0, "infer": 14.807}, total_ms=17.0)
+    assert timed.http_ms is not None and math.isclose(timed.http_ms, 17.0 - 16.057)
+    assert Prediction.from_json(doc, {"api": 0.25, "wait": 20.0}, total_ms=17.0).http_ms == 0.0  # clocks disagree
 
 
 def test_the_predict_report_aligns_every_image_and_names_failures() -> None:
@@ -135,3 +141,14 @@ def test_the_predict_report_aligns_every_image_and_names_failures() -> None:
         "b.png: resnet18, batch 1, queue 0 ms, infer 2.0 ms",
         "  1000  x             0.9000",
     ]
+
+
+def test_the_predict_report_shows_where_the_time_went_when_asked() -> None:
+    timing = {"api": 0.2, "queue": 0.714, "prep": 1.88, "batch": 0.12, "infer": 4.62}
+    timed = Prediction("1", "m", [Scored(3, "x", 0.5)], 1, 4, 4.62, timing, total_ms=8.104)
+    old = Prediction("2", "m", [Scored(3, "x", 0.5)], 1, 4, 4.62, {}, total_ms=9.0)
+    lines = format_report([("a.jpg", timed), ("b.jpg", old), ("c.jpg", "cannot read: gone")], timing=True).splitlines()
+    assert lines[1] == "  time 8.10 ms: api 0.20, queue 0.71, prep 1.88, batch 0.12, infer 4.62, http 0.57"
+    assert lines[4] == "  time 9.00 ms (the service sent no Server-Timing)"
+    assert lines[6] == "c.jpg: error cannot read: gone"
+    assert "time" not in format_report([("a.jpg", timed)])  # only when asked
