@@ -1,8 +1,11 @@
 """``--api-worker-class gevent_pywsgi``: gunicorn's gevent worker with gevent's own HTTP server
 (``gevent.pywsgi``), given the keep-alive timeout that gunicorn's own parser has and pywsgi lacks.
 
-pywsgi writes a response's headers and body in one ``send`` and parses a request with less Python
-than gunicorn's parser (bench/api_check.sh, docs/benchmarks.md). Left alone it would hold an idle
+pywsgi parses a request with less Python than gunicorn's parser (bench/api_check.sh,
+docs/benchmarks.md). It sends an answer's status line and headers, then its body, in two sends
+(gevent 26: it saves copying a large body); for an answer up to ``ONE_SEND_MAX`` bytes, such as
+every prediction's JSON, the handler here sends both in one, which saves the API a send (a
+``getsockopt`` and a ``sendto`` through gevent's ``sendall``) and the client a read. Left alone it would hold an idle
 keep-alive connection, and its greenlet, until the client closed it. Here the wait for a request
 line times out after gunicorn's ``keepalive`` seconds (pywsgi then ends the connection quietly, as
 for any socket error before a request line), and any other read or write on the client's socket
@@ -25,6 +28,7 @@ from typing import Any, BinaryIO
 from gevent.pywsgi import OldMessage, headers_factory
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
+ONE_SEND_MAX = 64 * 1024  # an answer's headers and first body chunk up to this go in one send
 REQUEST_TIMEOUT_S = 30.0  # one socket operation inside a request; the API's BLPOP never touches the socket
 _NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # what the email parser takes for a header's name
 _MAXLINE, _MAXHEADERS = client._MAXLINE, client._MAXHEADERS  # type: ignore[attr-defined]
@@ -65,6 +69,25 @@ def lean_headers(fp: BinaryIO) -> Any:
 
 class _TimedHandler(PyWSGIHandler):  # type: ignore[misc]
     keepalive_s = 5.0  # set from gunicorn's config by the worker
+    _held: list[bytes] | None = None  # what pywsgi sends while its headers are being written
+
+    def _write_with_headers(self, data: bytes) -> None:
+        if len(data) > ONE_SEND_MAX:
+            super()._write_with_headers(data)
+            return
+        self._held = []
+        try:
+            super()._write_with_headers(data)  # the headers, then the body as pywsgi frames it
+            whole = b"".join(self._held)
+        finally:
+            self._held = None
+        self._sendall(whole)
+
+    def _sendall(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            super()._sendall(data)
 
     def MessageClass(self, fp: BinaryIO, *_args: Any) -> Any:  # pywsgi calls it by this name
         return lean_headers(fp)
