@@ -8,6 +8,7 @@ scale and normalise: the service's answers equal ``model(weights.transforms()(im
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from typing import Any
 
@@ -25,6 +26,56 @@ _FILTERS = {
 }
 
 
+# What ``jpeg_frame`` reads: frame headers of baseline, extended and progressive Huffman JPEGs (what
+# every decoder the worker may use takes), and the segments that come before a scan in them: DHT,
+# DQT, DRI, comments and application data (JFIF, EXIF, ICC, Adobe...).
+_FRAMES = (0xC0, 0xC1, 0xC2)
+_BEFORE_SCAN = frozenset((0xC4, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)))
+_SOS = 0xDA
+
+
+def jpeg_frame(body: bytes) -> tuple[int, int, int] | None:
+    """``(width, height, components)`` of a plain 8-bit JPEG with 1 or 3 components, read from its
+    marker segments up to its first scan without Pillow (2 µs a 640x480 JPEG here, where Pillow
+    takes 28 µs to open it and parse its tables); None for anything else: not a JPEG, a segment
+    that runs past the body, another kind of frame or segment, fill bytes, no scan. Only the
+    structure is read; the worker's decoder checks the tables and the data, and answers what it
+    cannot decode with ``invalid_image``."""
+    n = len(body)
+    if body[:3] != b"\xff\xd8\xff":
+        return None
+    i, frame = 2, None
+    while i + 4 <= n:
+        if body[i] != 0xFF:
+            return None
+        marker = body[i + 1]
+        (length,) = struct.unpack_from(">H", body, i + 2)
+        end = i + 2 + length
+        if length < 2 or end > n:
+            return None
+        if marker == _SOS:
+            return frame
+        if marker in _FRAMES:
+            if frame is not None or length < 8:
+                return None
+            bits, height, width, components = struct.unpack_from(">BHHB", body, i + 4)
+            if bits != 8 or components not in (1, 3) or length != 8 + 3 * components or not width or not height:
+                return None
+            frame = (width, height, components)
+        elif marker not in _BEFORE_SCAN:
+            return None
+        i = end
+    return None
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """``InvalidImage`` for an image without pixels, ``PayloadTooLarge`` for more than ``max_pixels``."""
+    if width < 1 or height < 1:
+        raise InvalidImage("the image has no pixels")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+
+
 def open_image(body: bytes, max_pixels: int) -> Image.Image:
     """Open ``body`` as a JPEG, PNG or WebP; the pixel count is checked before any pixel is decoded."""
     if not body:
@@ -37,11 +88,7 @@ def open_image(body: bytes, max_pixels: int) -> Image.Image:
         raise PayloadTooLarge(f"the image has more than {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage(f"not a JPEG, PNG or WebP image ({_short(exc)})") from None
-    w, h = im.size
-    if w < 1 or h < 1:
-        raise InvalidImage("the image has no pixels")
-    if w * h > max_pixels:
-        raise PayloadTooLarge(f"the image has {w}x{h} pixels, more than the limit of {max_pixels}")
+    check_pixels(*im.size, max_pixels)
     return im
 
 

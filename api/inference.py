@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from api.images import open_image, to_model_input
+from api.images import check_pixels, jpeg_frame, open_image, to_model_input
 from api.queue import QueueClient
 from common.config import Settings
 from common.errors import BadRequest, PayloadTooLarge, Unauthorized, error_from_wire
@@ -73,9 +73,14 @@ def model_input(body: bytes, spec: dict[str, Any], max_pixels: int) -> TensorDat
 
     Raises ``InvalidImage`` or ``PayloadTooLarge``.
     """
+    if "jpeg" in spec.get("accepts", ()):
+        frame = jpeg_frame(body)  # a plain JPEG's size without Pillow; Pillow opens anything else
+        if frame is not None:
+            check_pixels(frame[0], frame[1], max_pixels)
+            return TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
     im = open_image(body, max_pixels)
     if im.format == "JPEG" and "jpeg" in spec.get("accepts", ()) and im.mode in ("RGB", "L"):
-        return TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
+        return TensorData("jpeg", (len(body),), body)
     return to_model_input(im, spec, max_pixels)
 
 

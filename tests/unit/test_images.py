@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision.transforms import functional as F
 
-from api.images import open_image, to_model_input
+from api.images import jpeg_frame, open_image, to_model_input
+from api.inference import model_input
 from common.errors import InvalidImage, PayloadTooLarge
 from tests.conftest import make_image
 from worker.handler import TorchvisionClassifier
@@ -196,3 +197,87 @@ def test_jpegs_prepared_together_on_the_gpu_make_the_batch_the_cpu_makes() -> No
     on_cpu = torch.cat([cpu.preprocess(cpu.prepare([j])) for j in jpegs])
     assert on_gpu.shape == on_cpu.shape == (3, 3, 224, 224)
     assert (on_gpu - on_cpu).abs().mean() < 0.05  # about three grey levels
+
+
+# ---- a JPEG's frame without Pillow (api/images.py's jpeg_frame), for workers that decode JPEGs ----
+
+
+def _jpeg(size: tuple[int, int], mode: str = "RGB", **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, "#3a7").save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def _exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the model sees the pixels as stored, either way
+    exif[0x010F] = "a camera"
+    return exif.tobytes()
+
+
+def _pillows_frame(body: bytes) -> tuple[int, int, int]:
+    im = Image.open(io.BytesIO(body))
+    return (*im.size, len(im.getbands()))
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "save"),
+    [
+        ((640, 480), "RGB", {}),
+        ((1, 1), "L", {}),
+        ((3000, 17), "RGB", {"progressive": True}),
+        ((33, 65), "RGB", {"optimize": True, "subsampling": 0}),
+        ((64, 48), "RGB", {"exif": _exif(), "icc_profile": b"\x01" * 70_000, "comment": b"several APP2 segments"}),
+        ((64, 48), "L", {"progressive": True, "quality": 20}),
+        ((64, 48), "RGB", {"restart_marker_blocks": 1}),
+    ],
+)
+def test_a_plain_jpegs_frame_is_read_as_pillow_reads_it(
+    size: tuple[int, int], mode: str, save: dict[str, object]
+) -> None:
+    body = _jpeg(size, mode, **save)
+    assert jpeg_frame(body) == _pillows_frame(body) == (*size, len(mode))
+
+
+def test_anything_but_a_plain_jpeg_is_left_to_pillow() -> None:
+    body = _jpeg((64, 48))
+    sof = body.index(b"\xff\xc0")
+    twelve_bit = body[: sof + 4] + b"\x0c" + body[sof + 5 :]
+    assert jpeg_frame(twelve_bit) is None
+    with pytest.raises(InvalidImage):  # Pillow refuses it, as before
+        open_image(twelve_bit, MAX_PIXELS)
+    assert jpeg_frame(_jpeg((8, 8), "CMYK")) is None  # Pillow converts it for the model
+    assert jpeg_frame(make_image(1, (8, 8), "PNG")) is None
+    assert jpeg_frame(body[:sof]) is None  # no frame yet
+    assert jpeg_frame(body[: sof + 30]) is None  # a frame, no scan
+    padded = body[:sof] + b"\xff" + body[sof:]  # a fill byte before a marker: legal, and Pillow's business
+    assert jpeg_frame(padded) is None and _pillows_frame(padded) == (64, 48, 3)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 700), st.binary(min_size=1, max_size=6), st.integers(0, 1500))
+@pytest.mark.filterwarnings("ignore:.*:UserWarning:PIL")  # a damaged EXIF block: Pillow warns and skips it
+def test_a_damaged_header_is_read_as_pillow_reads_it_or_left_to_pillow(at: int, noise: bytes, cut: int) -> None:
+    base = _jpeg((64, 48), exif=_exif(), comment=b"a comment")
+    body = (base[:at] + noise + base[at + len(noise) :])[: len(base) - cut]
+    frame = jpeg_frame(body)  # never raises
+    if frame is None:
+        return  # Pillow decides, as before
+    try:
+        pillows = _pillows_frame(body)
+    except Exception:
+        return  # Pillow checks a table's contents too; the worker's decoder checks them there
+    assert frame == pillows
+
+
+def test_a_jpeg_for_a_decoding_worker_goes_as_it_came_and_its_size_is_still_checked() -> None:
+    spec = {**_spec("resnet18"), "accepts": ["uint8", "jpeg"]}
+    body = _jpeg((640, 480))
+    got = model_input(body, spec, MAX_PIXELS)
+    assert (got.dtype, got.shape, got.data) == ("jpeg", (len(body),), body)
+    sof = body.index(b"\xff\xc0")
+    huge = body[: sof + 5] + (30_000).to_bytes(2, "big") * 2 + body[sof + 9 :]  # 30000x30000, a few KB
+    with pytest.raises(PayloadTooLarge, match="30000x30000"):
+        model_input(huge, spec, MAX_PIXELS)
+    cmyk = model_input(_jpeg((64, 48), "CMYK"), spec, MAX_PIXELS)  # decoded here, as Pillow converts it
+    assert (cmyk.dtype, cmyk.shape) == ("uint8", (224, 224, 3))
