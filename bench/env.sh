@@ -7,7 +7,8 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 PY=${PYTHON:-.venv/bin/python}
 RB="$PY -m common.cli"
-PORT=$((20000 + RANDOM % 20000)) HTTP=$((40000 + RANDOM % 20000))
+# Below Linux's ephemeral ports (32768 up): the load's own client connections cannot take them first.
+PORT=$((20000 + RANDOM % 6000)) HTTP=$((26000 + RANDOM % 6000))
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
 trap cleanup EXIT
