@@ -73,14 +73,15 @@ def model_input(body: bytes, spec: dict[str, Any], max_pixels: int) -> TensorDat
 
     Raises ``InvalidImage`` or ``PayloadTooLarge``.
     """
-    if "jpeg" in spec.get("accepts", ()):
-        frame = jpeg_frame(body)  # a plain JPEG's size without Pillow; Pillow opens anything else
-        if frame is not None:
-            check_pixels(frame[0], frame[1], max_pixels)
-            return TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
-    im = open_image(body, max_pixels)
-    if im.format == "JPEG" and "jpeg" in spec.get("accepts", ()) and im.mode in ("RGB", "L"):
-        return TensorData("jpeg", (len(body),), body)
+    as_jpeg = TensorData("jpeg", (len(body),), body)  # the worker decodes it, batched on its GPU
+    decodes = "jpeg" in spec.get("accepts", ())
+    frame = jpeg_frame(body) if decodes else None  # a plain JPEG's size without Pillow
+    if frame is not None:
+        check_pixels(frame[0], frame[1], max_pixels)
+        return as_jpeg
+    im = open_image(body, max_pixels)  # Pillow opens anything else
+    if decodes and im.format == "JPEG" and im.mode in ("RGB", "L"):
+        return as_jpeg
     return to_model_input(im, spec, max_pixels)
 
 
@@ -162,7 +163,7 @@ def server_timing(meta: Mapping[str, Any], api_ms: float, waited_ms: float) -> s
     it and those taken before it), ``batch`` waiting for its batch to form and a lane, ``infer``
     the pass. From a worker that does not time its part, ``api`` and ``wait`` (all of it)."""
     parts = [("api", api_ms)]
-    if all(isinstance(meta.get(k), (int, float)) for _, k in TIMED):
+    if _timed(meta):
         worker = [(name, max(float(meta[k]), 0.0)) for name, k in TIMED]
         parts += [("queue", max(waited_ms - sum(ms for _, ms in worker), 0.0)), *worker]
     else:
@@ -173,9 +174,14 @@ def server_timing(meta: Mapping[str, Any], api_ms: float, waited_ms: float) -> s
 def slowest_parts(metas: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The worker's parts of several replies (one /v2 request's images) for one header: each part
     the largest among them; none unless every reply timed them (the header then says ``wait``)."""
-    if not metas or not all(isinstance(m.get(k), (int, float)) for m in metas for _, k in TIMED):
+    if not metas or not all(map(_timed, metas)):
         return {}
     return {k: max(float(m[k]) for m in metas) for _, k in TIMED}
+
+
+def _timed(meta: Mapping[str, Any]) -> bool:
+    """Whether a reply's ``meta`` carries every one of the worker's parts as a number."""
+    return all(isinstance(meta.get(k), (int, float)) for _, k in TIMED)
 
 
 def body_too_large(max_body_bytes: int) -> PayloadTooLarge:

@@ -5,12 +5,14 @@ pywsgi parses a request with less Python than gunicorn's parser (bench/api_check
 docs/benchmarks.md). It sends an answer's status line and headers, then its body, in two sends
 (gevent 26: it saves copying a large body); for an answer up to ``ONE_SEND_MAX`` bytes, such as
 every prediction's JSON, the handler here sends both in one, which saves the API a send (a
-``getsockopt`` and a ``sendto`` through gevent's ``sendall``) and the client a read. Left alone it would hold an idle
-keep-alive connection, and its greenlet, until the client closed it. Here the wait for a request
-line times out after gunicorn's ``keepalive`` seconds (pywsgi then ends the connection quietly, as
-for any socket error before a request line), and any other read or write on the client's socket
-after ``REQUEST_TIMEOUT_S``, so a client that stalls mid-request is dropped too. gunicorn's master
-imports this module to load the class, so it imports nothing of the app.
+``getsockopt`` and a ``sendto`` through gevent's ``sendall``) and the client a read.
+
+Left alone pywsgi would hold an idle keep-alive connection, and its greenlet, until the client
+closed it. Here the wait for a request line times out after gunicorn's ``keepalive`` seconds
+(pywsgi then ends the connection quietly, as for any socket error before a request line), and any
+other read or write on the client's socket after ``REQUEST_TIMEOUT_S``, so a client that stalls
+mid-request is dropped too. gunicorn's master imports this module to load the class, so it
+imports nothing of the app.
 
 Request headers are read by ``lean_headers``: pywsgi's own reader hands them to the standard
 library's email parser, 40 µs a request (7 % of an API process's CPU on the path with no model,
