@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     http_.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' when the service needs one")
     http_.add_argument("--plot", metavar="OUT_PREFIX", help="write PNG plots OUT_PREFIX-*.png (needs matplotlib)")
+    http_.add_argument(
+        "--limit",
+        metavar="IMG_PER_S|FILE",
+        help="the model's own limit, to print served / limit at each level: images a second, or the "
+        "--json file of 'redbatch bench --in-process'",
+    )
     local = parser.add_argument_group("in-process (the model's own limit, no HTTP; needs torch)")
     local.add_argument("--in-process", action="store_true", help="measure preprocessing and the model in this process")
     local.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -453,6 +459,44 @@ class StderrProgress:
 # reporting
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The model's own limit that served rates are reported against (``--limit``)."""
+
+    ips: float  # images a second
+    source: str  # where it came from, for people
+    model: str | None = None  # the architecture it was measured for (from an --in-process file)
+
+
+def parse_limit(text: str) -> Limit:
+    """``--limit``: images a second, or the ``--json`` file of ``redbatch bench --in-process``
+    (its ``machine_limit_ips``). Raises ValueError with a message for people."""
+    try:
+        ips = float(text)
+    except ValueError:
+        return _limit_file(text)
+    if not (math.isfinite(ips) and ips > 0):
+        raise ValueError(f"--limit {text}: expected images a second above 0, or an --in-process --json file")
+    return Limit(ips, f"{ips:g} img/s")
+
+
+def _limit_file(path: str) -> Limit:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--limit {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"--limit {path}: not a JSON file") from None
+    ips = doc.get("machine_limit_ips") if isinstance(doc, dict) else None
+    if isinstance(ips, bool) or not isinstance(ips, (int, float)) or not (math.isfinite(ips) and ips > 0):
+        raise ValueError(
+            f"--limit {path}: no machine limit in it (write one with 'redbatch bench --in-process --json FILE')"
+        )
+    what = ", ".join(str(doc[k]) for k in ("model", "device", "dtype") if isinstance(doc.get(k), str))
+    model = doc.get("model") if isinstance(doc.get("model"), str) else None
+    return Limit(float(ips), f"{ips:.1f} img/s ({Path(path).name}: {what})", model)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns right-aligned to their widest cell, two spaces apart; a dashed line under the header."""
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
@@ -465,7 +509,8 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def results_table(levels: Sequence[LevelResult]) -> str:
+def results_table(levels: Sequence[LevelResult], limit: Limit | None = None) -> str:
+    """One row a level; with ``limit``, a last column: req/s over the limit's images a second."""
     headers = ("concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mean batch")
     rows = [
         (
@@ -476,10 +521,11 @@ def results_table(levels: Sequence[LevelResult]) -> str:
             fmt(r.p99_ms),
             str(r.errors),
             fmt(r.mean_batch_size, 2),
+            *([fmt(r.ok_per_s / limit.ips, 2)] if limit else []),
         )
         for r in levels
     ]
-    return format_table(headers, rows)
+    return format_table((*headers, *(["served/limit"] if limit else [])), rows)
 
 
 def error_lines(levels: Sequence[LevelResult]) -> list[str]:
@@ -492,14 +538,18 @@ def error_lines(levels: Sequence[LevelResult]) -> list[str]:
     return out
 
 
-def write_json(path: str, meta: dict[str, Any], levels: Sequence[LevelResult]) -> None:
-    doc = {**meta, "levels": [asdict(r) for r in levels]}
-    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+def write_json(path: str, meta: dict[str, Any], levels: Sequence[LevelResult], limit: Limit | None = None) -> None:
+    """``meta`` and every level; with ``limit``, its figure and source, and each level's
+    ``served_over_limit``."""
+    rows = [asdict(r) | ({"served_over_limit": r.ok_per_s / limit.ips} if limit else {}) for r in levels]
+    extra = {"limit_ips": limit.ips, "limit": limit.source} if limit else {}
+    Path(path).write_text(json.dumps({**meta, **extra, "levels": rows}, indent=2) + "\n")
 
 
-def write_plots(prefix: str, levels: Sequence[LevelResult]) -> list[str] | None:
-    """``prefix-load.png`` (throughput and latency percentiles vs concurrency) and
-    ``prefix-batches.png`` (batch-size histogram per level); None when matplotlib is missing."""
+def write_plots(prefix: str, levels: Sequence[LevelResult], limit: Limit | None = None) -> list[str] | None:
+    """``prefix-load.png`` (throughput, with ``limit`` as a line, and latency percentiles vs
+    concurrency) and ``prefix-batches.png`` (batch-size histogram per level); None when
+    matplotlib is missing."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -507,7 +557,10 @@ def write_plots(prefix: str, levels: Sequence[LevelResult]) -> list[str] | None:
     xs = [r.concurrency for r in levels]
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_rps, ax_lat = fig.subplots(1, 2)
-    ax_rps.plot(xs, [r.ok_per_s for r in levels], marker="o")
+    ax_rps.plot(xs, [r.ok_per_s for r in levels], marker="o", label="served")
+    if limit:
+        ax_rps.axhline(limit.ips, linestyle="--", color="grey", label=f"limit {limit.ips:.0f} img/s")
+        ax_rps.legend()
     ax_rps.set(xlabel="concurrency", ylabel="requests/s (200 only)", title="throughput", xscale="log", ylim=(0, None))
     for q in PERCENTILES:
         ys = [getattr(r, f"p{q}_ms") for r in levels]
@@ -560,30 +613,41 @@ def run(args: argparse.Namespace) -> int:
     if duration_s <= 0 or warmup_s < 0:
         print("--duration-s must be above 0 and --warmup-s at least 0", file=sys.stderr)
         return 2
+    try:
+        limit = parse_limit(args.limit) if args.limit else None
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     bodies = load_bodies(args.images, args.size)
     mean_kb = sum(len(b.data) for b in bodies) / len(bodies) / 1024
     print(
         f"bench {args.model} at {args.url}: {len(bodies)} images (mean {mean_kb:.0f} KB), "
         f"{duration_s:g} s per level after {warmup_s:g} s of warm-up"
     )
+    if limit:
+        print(f"limit: {limit.source}")
+        if limit.model and limit.model != args.model:
+            print(f"note: the limit was measured for {limit.model}, and the served model is {args.model}")
     progress = StderrProgress()
     levels = []
     for c in args.concurrency:
         levels.append(run_level(target, bodies, c, warmup_s, duration_s, progress))
         progress.clear()
-    print(results_table(levels))
+    print(results_table(levels, limit))
     print("req/s and latencies count 200 responses; errors are other statuses and failed connections")
     for line in error_lines(levels):
         print(line)
     meta = {"url": args.url, "model": args.model, "duration_s": duration_s, "warmup_s": warmup_s}
-    _write_outputs(args, meta | {"images": args.images or f"{len(bodies)} generated {args.size}"}, levels)
+    _write_outputs(args, meta | {"images": args.images or f"{len(bodies)} generated {args.size}"}, levels, limit)
     return 0
 
 
-def _write_outputs(args: argparse.Namespace, meta: dict[str, Any], levels: Sequence[LevelResult]) -> None:
+def _write_outputs(
+    args: argparse.Namespace, meta: dict[str, Any], levels: Sequence[LevelResult], limit: Limit | None
+) -> None:
     if args.json:
-        write_json(args.json, meta, levels)
+        write_json(args.json, meta, levels, limit)
         print(f"wrote {args.json}")
     if args.plot:
-        paths = write_plots(args.plot, levels)
+        paths = write_plots(args.plot, levels, limit)
         print("matplotlib is not installed: plots skipped" if paths is None else "wrote " + ", ".join(paths))

@@ -160,6 +160,46 @@ def test_the_command_prints_the_table_and_writes_json_and_plots(
         assert (tmp_path / "bench-batches.png").stat().st_size > 0
 
 
+def test_served_over_limit_from_the_in_process_report(
+    service: tuple[FakeService, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The two commands compose: the limit that ``--in-process --json`` wrote is what every level's
+    req/s is divided by, in the table and in the JSON."""
+    _, url = service
+    report, out = tmp_path / "limit.json", tmp_path / "out.json"
+    local = ["--device", "cpu", "--batch-sizes", "1", "--duration-s", "0.05", "--warmup-s", "0", "--size", "64x48"]
+    assert main(["bench", "--in-process", "--model", "mobilenet_v3_small", *local, "--json", str(report)]) == 0
+    limit = json.loads(report.read_text())["machine_limit_ips"]
+    capsys.readouterr()
+
+    args = ["bench", "--url", url, "--model", "m", "--concurrency", "1,2", "--duration-s", "0.2", "--warmup-s", "0"]
+    plots = ["--plot", str(tmp_path / "p")]  # with matplotlib: the limit drawn as a line on the throughput plot
+    assert main([*args, "--size", "64x48", "--limit", str(report), "--json", str(out), *plots]) == 0
+
+    text = capsys.readouterr().out
+    assert f"limit: {limit:.1f} img/s (limit.json: mobilenet_v3_small, cpu, float32)" in text
+    assert "note: the limit was measured for mobilenet_v3_small, and the served model is m" in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("concurrency"))
+    assert lines[header].split()[-1] == "served/limit"
+    doc = json.loads(out.read_text())
+    assert doc["limit_ips"] == limit
+    for row, level in zip(lines[header + 2 : header + 4], doc["levels"]):
+        assert level["served_over_limit"] == pytest.approx(level["ok_per_s"] / limit)
+        assert float(row.split()[-1]) == pytest.approx(level["ok_per_s"] / limit, abs=0.006)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "p-load.png").stat().st_size > 0
+
+
+def test_a_bad_limit_stops_the_command_before_any_load(
+    service: tuple[FakeService, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake, url = service
+    fake.reset()
+    assert main(["bench", "--url", url, "--model", "m", "--limit", str(tmp_path / "missing.json")]) == 2
+    assert "--limit" in capsys.readouterr().err and fake.count == 0
+
+
 def test_in_process_measurement_of_a_small_model_on_cpu() -> None:
     threads_before = torch.get_num_threads()
     cfg = InProcessConfig(model="mobilenet_v3_small", device="cpu", batch_sizes=(1, 2), duration_s=0.05, warmup_s=0.0)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from common.bench import (
     format_table,
     make_images,
     parse_int_list,
+    parse_limit,
     parse_size,
     percentile,
     results_table,
@@ -100,6 +103,52 @@ def test_results_table_has_one_row_per_level() -> None:
     ]
     assert [line.split()[0] for line in lines[2:]] == ["1", "4", "16"]
     assert lines[4].split()[-1] == "16.00"
+
+
+def test_a_limit_adds_served_over_limit_to_every_row() -> None:
+    levels = [summarize(c, 2.0, [Sample(0.01, 200, 1)] * (50 * c), 0) for c in (1, 4)]  # 25 and 100 req/s
+    lines = results_table(levels, parse_limit("200")).splitlines()
+    assert lines[0].split()[-1] == "served/limit"
+    assert [line.split()[-1] for line in lines[2:]] == ["0.12", "0.50"]
+    assert len({len(line) for line in lines}) == 1  # still aligned
+
+
+def test_a_limit_is_images_a_second_or_an_in_process_report(tmp_path: Path) -> None:
+    assert parse_limit("440.6").ips == 440.6
+    report = tmp_path / "limit.json"
+    report.write_text(
+        json.dumps({"model": "mobilenet_v3_small", "device": "cpu", "dtype": "float32", "machine_limit_ips": 412.25})
+    )
+    limit = parse_limit(str(report))
+    assert (limit.ips, limit.model) == (412.25, "mobilenet_v3_small")
+    assert limit.source == "412.2 img/s (limit.json: mobilenet_v3_small, cpu, float32)"
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "No such file"),
+        ("{not json", "not a JSON file"),
+        ('{"model": "m"}', "no machine limit"),
+        ('{"machine_limit_ips": 0}', "no machine limit"),
+        ('{"machine_limit_ips": true}', "no machine limit"),
+        ("[1, 2]", "no machine limit"),
+    ],
+)
+def test_a_limit_file_without_a_limit_is_refused_with_the_reason(
+    tmp_path: Path, content: str | None, says: str
+) -> None:
+    path = tmp_path / "limit.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=says):
+        parse_limit(str(path))
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "nan", "inf"])
+def test_a_limit_must_be_a_positive_rate(text: str) -> None:
+    with pytest.raises(ValueError, match="above 0"):
+        parse_limit(text)
 
 
 def test_generated_images_are_distinct_jpegs_of_the_size_asked() -> None:
