@@ -405,7 +405,8 @@ def run_level(
     progress: Progress | None = None,
 ) -> LevelResult:
     """``concurrency`` closed-loop clients for ``warmup_s`` + ``duration_s``; returns when all stopped."""
-    t0 = time.perf_counter() + warmup_s
+    start = time.perf_counter()
+    t0 = start + warmup_s
     t1 = t0 + duration_s
     logs = [ClientLog() for _ in range(concurrency)]
     threads = [
@@ -418,21 +419,32 @@ def run_level(
         while t.is_alive():
             t.join(timeout=0.25)
             if progress is not None:
-                progress(_progress_text(concurrency, t0, t1, logs))
+                progress(progress_text(concurrency, start, t0, t1, logs))
     samples = [s for log in logs for s in log.counted]
     return summarize(concurrency, duration_s, samples, sum(log.uncounted for log in logs))
 
 
-def _progress_text(concurrency: int, t0: float, t1: float, logs: Sequence[ClientLog]) -> str:
-    now = time.perf_counter()
-    head = f"concurrency {concurrency}: "
+BAR_CELLS = 30
+
+
+def progress_text(
+    concurrency: int, start: float, t0: float, t1: float, logs: Sequence[ClientLog], now: float | None = None
+) -> str:
+    """The status line of a level that started at ``start``, measures from ``t0`` to ``t1``: a bar
+    over the whole level (``-`` the warm-up, ``#`` the measured part), then what is going on."""
+    now = time.perf_counter() if now is None else now
+    total = max(t1 - start, 1e-9)
+    warm = round(BAR_CELLS * (t0 - start) / total)
+    done_cells = min(max(round(BAR_CELLS * (now - start) / total), 0), BAR_CELLS)
+    bar = "".join("-" if i < warm else "#" for i in range(done_cells)).ljust(BAR_CELLS, ".")
+    head = f"concurrency {concurrency} [{bar}] "
     if now < t0:
         return head + f"warming up, {t0 - now:4.1f} s left"
     if now > t1:
         return head + "waiting for the last answers"
     done = sum(len(log.counted) for log in logs)
     errors = sum(1 for log in logs for s in log.counted if s.status != 200)
-    return head + f"measuring {now - t0:5.1f}/{t1 - t0:.1f} s, {done} requests, {errors} errors"
+    return head + f"{now - t0:5.1f}/{t1 - t0:.1f} s, {done} requests, {errors} errors"
 
 
 class StderrProgress:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from common.bench import (
+    ClientLog,
     Sample,
     format_table,
     make_images,
@@ -21,6 +22,7 @@ from common.bench import (
     parse_limit,
     parse_size,
     percentile,
+    progress_text,
     results_table,
     summarize,
     target_for,
@@ -149,6 +151,17 @@ def test_a_limit_file_without_a_limit_is_refused_with_the_reason(
 def test_a_limit_must_be_a_positive_rate(text: str) -> None:
     with pytest.raises(ValueError, match="above 0"):
         parse_limit(text)
+
+
+def test_the_progress_bar_fills_over_the_warm_up_then_the_measured_window() -> None:
+    log = ClientLog(counted=[Sample(0.01, 200, 1)] * 7 + [Sample(0.01, 503, None)] * 2)
+    # a level of 2 s warm-up and 4 s measured, started at 100.0
+    warming = progress_text(64, 100.0, 102.0, 106.0, [log], now=101.0)
+    assert warming == "concurrency 64 [-----" + "." * 25 + "] warming up,  1.0 s left"
+    measuring = progress_text(64, 100.0, 102.0, 106.0, [log], now=104.0)
+    assert measuring == "concurrency 64 [----------" + "#" * 10 + "." * 10 + "]   2.0/4.0 s, 9 requests, 2 errors"
+    late = progress_text(64, 100.0, 102.0, 106.0, [log], now=107.0)
+    assert late == "concurrency 64 [" + "-" * 10 + "#" * 20 + "] waiting for the last answers"
 
 
 def test_generated_images_are_distinct_jpegs_of_the_size_asked() -> None:
