@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 from PIL import Image
@@ -436,7 +436,7 @@ def progress_text(
     total = max(t1 - start, 1e-9)
     warm = round(BAR_CELLS * (t0 - start) / total)
     done_cells = min(max(round(BAR_CELLS * (now - start) / total), 0), BAR_CELLS)
-    bar = "".join("-" if i < warm else "#" for i in range(done_cells)).ljust(BAR_CELLS, ".")
+    bar = ("-" * min(warm, done_cells) + "#" * max(done_cells - warm, 0)).ljust(BAR_CELLS, ".")
     head = f"concurrency {concurrency} [{bar}] "
     if now < t0:
         return head + f"warming up, {t0 - now:4.1f} s left"
@@ -479,6 +479,14 @@ class Limit:
     source: str  # where it came from, for people
     model: str | None = None  # the architecture it was measured for (from an --in-process file)
 
+    def share(self, rate: float) -> float:
+        """``rate`` (requests a second) over the limit."""
+        return rate / self.ips
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
 
 def parse_limit(text: str) -> Limit:
     """``--limit``: images a second, or the ``--json`` file of ``redbatch bench --in-process``
@@ -487,7 +495,7 @@ def parse_limit(text: str) -> Limit:
         ips = float(text)
     except ValueError:
         return _limit_file(text)
-    if not (math.isfinite(ips) and ips > 0):
+    if not _positive(ips):
         raise ValueError(f"--limit {text}: expected images a second above 0, or an --in-process --json file")
     return Limit(ips, f"{ips:g} img/s")
 
@@ -500,13 +508,14 @@ def _limit_file(path: str) -> Limit:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError(f"--limit {path}: not a JSON file") from None
     ips = doc.get("machine_limit_ips") if isinstance(doc, dict) else None
-    if isinstance(ips, bool) or not isinstance(ips, (int, float)) or not (math.isfinite(ips) and ips > 0):
+    if not _positive(ips):
         raise ValueError(
             f"--limit {path}: no machine limit in it (write one with 'redbatch bench --in-process --json FILE')"
         )
-    what = ", ".join(str(doc[k]) for k in ("model", "device", "dtype") if isinstance(doc.get(k), str))
-    model = doc.get("model") if isinstance(doc.get("model"), str) else None
-    return Limit(float(ips), f"{ips:.1f} img/s ({Path(path).name}: {what})", model)
+    named = {k: doc[k] for k in ("model", "device", "dtype") if isinstance(doc.get(k), str)}
+    return Limit(
+        float(cast(float, ips)), f"{ips:.1f} img/s ({Path(path).name}: {', '.join(named.values())})", named.get("model")
+    )
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -533,7 +542,7 @@ def results_table(levels: Sequence[LevelResult], limit: Limit | None = None) -> 
             fmt(r.p99_ms),
             str(r.errors),
             fmt(r.mean_batch_size, 2),
-            *([fmt(r.ok_per_s / limit.ips, 2)] if limit else []),
+            *([fmt(limit.share(r.ok_per_s), 2)] if limit else []),
         )
         for r in levels
     ]
@@ -553,7 +562,7 @@ def error_lines(levels: Sequence[LevelResult]) -> list[str]:
 def write_json(path: str, meta: dict[str, Any], levels: Sequence[LevelResult], limit: Limit | None = None) -> None:
     """``meta`` and every level; with ``limit``, its figure and source, and each level's
     ``served_over_limit``."""
-    rows = [asdict(r) | ({"served_over_limit": r.ok_per_s / limit.ips} if limit else {}) for r in levels]
+    rows = [asdict(r) | ({"served_over_limit": limit.share(r.ok_per_s)} if limit else {}) for r in levels]
     extra = {"limit_ips": limit.ips, "limit": limit.source} if limit else {}
     Path(path).write_text(json.dumps({**meta, **extra, "levels": rows}, indent=2) + "\n")
 
