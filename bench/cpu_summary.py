@@ -4,7 +4,10 @@ same for both sides). Where the in-process limit was timed both before and after
 (``...-inproc`` and ``...-inproc-after``), the in-process figures are the mean of the two, and
 ``limit after / before`` shows how far the machine drifted in between.
 
-    python bench/cpu_summary.py out/cpu
+    python bench/cpu_summary.py out/cpu [SECONDS_PER_LEVEL]
+
+The CPU per request counts the requests of the snapshot window, 2 s short of each load's
+length: given, or read from the run's own bench JSONs.
 """
 
 from __future__ import annotations
@@ -131,10 +134,20 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
     return f
 
 
+def snapshot_window(out: Path) -> float:
+    """cpu_check.sh's CPU snapshot window: 2 s short of the load's ``--duration-s``
+    (SECONDS_PER_LEVEL), as its bench JSONs record it; 8 s (the default of 10) without them."""
+    for path in sorted(out.glob("r*-c64.json")):
+        doc = load(path)
+        if doc and doc.get("duration_s"):
+            return float(doc["duration_s"]) - 2
+    return 8.0
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[0] if argv else "out/cpu")
     repeats = sorted({int(m.group(1)) for p in out.glob("r*-*.json") if (m := re.match(r"r(\d+)-", p.name))})
-    seconds = float(argv[1]) - 2 if len(argv) > 1 else 8.0  # the snapshot window of cpu_check.sh
+    seconds = float(argv[1]) - 2 if len(argv) > 1 else snapshot_window(out)
     rows = {r: repeat_figures(out, r, seconds) for r in repeats}
     keys = list(dict.fromkeys(k for f in rows.values() for k in f))
     print("| figure | " + " | ".join(f"repeat {r}" for r in repeats) + " | median |")

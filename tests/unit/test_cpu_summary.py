@@ -95,3 +95,16 @@ def test_a_limit_timed_on_both_sides_of_the_served_run_counts_as_their_mean(tmp_
     assert figures["mb in-process 1 image"] == pytest.approx(14.0)  # (3 + 10) and (5 + 10)
     # 22 CPU seconds over 2,000 requests: 11 ms each, against a unit cost of (8 + 10) / 2
     assert figures["mb CPU ms/req api+worker outside prep+forward"] == pytest.approx(11.0 - 9.0)
+
+
+def test_the_cpu_window_comes_from_the_runs_own_load_length(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run by hand without SECONDS_PER_LEVEL, a run made with SECONDS_PER_LEVEL=8 counts its CPU
+    over the 6 s its snapshots were apart, as its bench JSONs say, not over a default."""
+    _write(tmp_path, f"r1-{MB}-float32-inproc", _inproc(200.0))
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64", {"duration_s": 8.0, **_level(100.0)})
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64-cpu0", {"api": {"1": 0.0}, "worker": {"2": 0.0}})
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64-cpu1", {"api": {"1": 0.6}, "worker": {"2": 6.0}})
+    assert cpu_summary.snapshot_window(tmp_path) == pytest.approx(6.0)
+    assert cpu_summary.main([str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mb CPU ms/req api |"))
+    assert row.split("|")[1:-1] == [" mb CPU ms/req api ", " 1.00 ", " **1.00** "]  # 0.6 s over 600 requests
