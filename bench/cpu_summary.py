@@ -134,20 +134,19 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
     return f
 
 
-def snapshot_window(out: Path) -> float:
-    """cpu_check.sh's CPU snapshot window: 2 s short of the load's ``--duration-s``
-    (SECONDS_PER_LEVEL), as its bench JSONs record it; 8 s (the default of 10) without them."""
-    for path in sorted(out.glob("r*-c64.json")):
-        doc = load(path)
-        if doc and doc.get("duration_s"):
-            return float(doc["duration_s"]) - 2
-    return 8.0
+def snapshot_window(out: Path, load_s: float | None = None) -> float:
+    """cpu_check.sh's CPU snapshot window: 2 s short of the load's length (SECONDS_PER_LEVEL),
+    given, or as the run's bench JSONs record it (``duration_s``), or its default of 10 s."""
+    if load_s is None:
+        docs = (load(p) for p in sorted(out.glob("r*-c64.json")))
+        load_s = next((float(d["duration_s"]) for d in docs if d and d.get("duration_s")), 10.0)
+    return load_s - 2
 
 
 def main(argv: list[str]) -> int:
     out = Path(argv[0] if argv else "out/cpu")
     repeats = sorted({int(m.group(1)) for p in out.glob("r*-*.json") if (m := re.match(r"r(\d+)-", p.name))})
-    seconds = float(argv[1]) - 2 if len(argv) > 1 else snapshot_window(out)
+    seconds = snapshot_window(out, float(argv[1]) if len(argv) > 1 else None)
     rows = {r: repeat_figures(out, r, seconds) for r in repeats}
     keys = list(dict.fromkeys(k for f in rows.values() for k in f))
     print("| figure | " + " | ".join(f"repeat {r}" for r in repeats) + " | median |")

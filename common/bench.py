@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -484,7 +484,7 @@ class Limit:
         return rate / self.ips
 
 
-def _positive(x: object) -> bool:
+def _positive(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
@@ -513,9 +513,7 @@ def _limit_file(path: str) -> Limit:
             f"--limit {path}: no machine limit in it (write one with 'redbatch bench --in-process --json FILE')"
         )
     named = {k: doc[k] for k in ("model", "device", "dtype") if isinstance(doc.get(k), str)}
-    return Limit(
-        float(cast(float, ips)), f"{ips:.1f} img/s ({Path(path).name}: {', '.join(named.values())})", named.get("model")
-    )
+    return Limit(float(ips), f"{ips:.1f} img/s ({Path(path).name}: {', '.join(named.values())})", named.get("model"))
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
