@@ -95,6 +95,10 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
             f[f"{key} limit after / before"] = after["machine_limit_ips"] / before["machine_limit_ips"]
         f[f"{key} served 64"] = served["ok_per_s"]
         f[f"{key} served/limit"] = served["ok_per_s"] / limit
+        if all(d.get("cores_at_once_ips") for d in inproc):  # what the cores did at once, if timed
+            at_once = statistics.mean(d["cores_at_once_ips"] for d in inproc)
+            f[f"{key} cores at once / limit"] = at_once / limit
+            f[f"{key} served / cores at once"] = served["ok_per_s"] / at_once
         f[f"{key} p99/p50 64"] = served["p99_ms"] / served["p50_ms"]
         if one:
             f[f"{key} p50 1 client"] = one["p50_ms"]

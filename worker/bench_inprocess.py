@@ -12,7 +12,10 @@ Two costs are timed apart, in this one process:
 
 The machine limit, as the project defines it: on a CPU, the number of cores times the best
 single-thread rate of (preprocessing + model) per image, i.e. one single-threaded process per core;
-the all-threads figure of one process is printed beside it. On CUDA, the model's throughput at its
+the all-threads figure of one process is printed beside it, and so is what the cores do at once:
+one one-thread process per core, all running the same loop (preprocessing then the model, at the
+best batch size) over the same window, their rates summed. Where the cores slow each other (shared
+caches and memory, a host's neighbours), that sum falls short of the limit. On CUDA, the model's throughput at its
 best batch size, or less where preprocessing cannot keep up with it: the better of all CPU cores
 running the API's path and the GPU decoding JPEGs beside the model's passes (its JPEG decoder and
 the passes' kernels run at once when the worker overlaps them, so the limit is the slower of the
@@ -26,6 +29,8 @@ import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -100,6 +105,8 @@ class InProcessResult:
     sweeps: list[Sweep]  # the configured threads first; on a CPU then one thread, unless that was it
     machine_limit_ips: float
     machine_limit: str  # how the limit was reached, for people
+    # On a CPU with several cores: one one-thread process per core at once (module docstring)
+    cores_at_once_ips: float | None = None
 
     @property
     def prep_all_cores_ips(self) -> float:
@@ -256,6 +263,13 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
         sweeps.append(sweep(handler, inputs, cfg, prep_s, t))
     cores = os.cpu_count() or 1
     limit_ips, how = machine_limit(device, sweeps, cores, api_prep_s, worker_prep_s)
+    at_once = None
+    if device.type == "cpu" and cores > 1:
+        one = next(s for s in sweeps if s.threads == 1)
+        best = max(one.rows, key=lambda r: r.total_ips)
+        if progress is not None:
+            progress(f"timing {cores} one-thread processes at once, batch {best.batch_size}...")
+        at_once = cores_at_once(cfg, cores, best.batch_size, "worker" if worker_prep_s < api_prep_s else "api")
     return InProcessResult(
         model=cfg.model,
         device=str(device),
@@ -271,7 +285,97 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
         sweeps=sweeps,
         machine_limit_ips=limit_ips,
         machine_limit=how,
+        cores_at_once_ips=at_once,
     )
+
+
+def cores_at_once(cfg: InProcessConfig, cores: int, batch_size: int, prep: str) -> float:
+    """Images a second of ``cores`` one-thread processes running the limit's loop at once: each
+    loads the model, warms up and says so; all start on one signal and time the same window
+    (``2 * cfg.duration_s``); their rates are summed. A process that fails raises, with its error."""
+    job = {
+        "model": cfg.model,
+        "weights": cfg.weights,
+        "dtype": cfg.dtype,
+        "channels_last": cfg.channels_last,
+        "fuse": cfg.fuse,
+        "size": list(cfg.size),
+        "images": list(cfg.images),
+        "max_pixels": cfg.max_pixels,
+        "batch_size": batch_size,
+        "prep": prep,
+        "warmup_s": cfg.warmup_s,
+        "duration_s": 2 * cfg.duration_s,
+    }
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "worker.bench_inprocess", json.dumps(job)]
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(cores)
+    ]
+    try:
+        for p in procs:
+            _expect_line(p, "ready")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        rates = [float(_expect_line(p, "ips")) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    return sum(rates)
+
+
+def _expect_line(p: subprocess.Popen[str], word: str) -> str:
+    """The value after ``word`` on the next line ``p`` prints, or its error."""
+    assert p.stdout is not None
+    line = p.stdout.readline().split()
+    if len(line) == 2 and line[0] == word:
+        return line[1]
+    p.kill()
+    err = p.stderr.read() if p.stderr is not None else ""
+    raise RuntimeError(f"a one-thread timing process failed: {err.strip()[-2000:] or line}")
+
+
+def _one_core(job: dict[str, Any]) -> None:
+    """One process of ``cores_at_once``: the limit's loop on one thread, timed after a "go" line."""
+    torch.set_num_threads(1)
+    logging.getLogger("worker.handler").setLevel(logging.ERROR)
+    handler = TorchvisionClassifier(job["model"], job["weights"], job["dtype"], job["channels_last"], decode_jpeg=True)
+    handler.fuse = job["fuse"]
+    handler.setup(torch.device("cpu"))
+    bodies = [b.data for b in load_bodies(job["images"] or None, tuple(job["size"]))]
+    spec, max_pixels, n = handler.spec.to_dict(), job["max_pixels"], job["batch_size"]
+    if job["prep"] == "worker":
+        jpegs = [TensorData("jpeg", (len(b),), b) for b in bodies if b[:2] == b"\xff\xd8"]
+
+        def prepare(i: int) -> list[Any]:
+            return [x for k in range(i, i + n) for x in handler.prepare([jpegs[k % len(jpegs)]])]
+    else:
+
+        def prepare(i: int) -> list[Any]:
+            return [
+                to_model_input(open_image(bodies[k % len(bodies)], max_pixels), spec, max_pixels)
+                for k in range(i, i + n)
+            ]
+
+    def loop(seconds: float) -> float:
+        """Batches of preprocessing then the model, at least one, until ``seconds``: images a second."""
+        done, start = 0, time.perf_counter()
+        while not done or time.perf_counter() - start < seconds:
+            _step(handler, prepare(done))
+            done += n
+        return done / (time.perf_counter() - start)
+
+    loop(job["warmup_s"])
+    print("ready 1", flush=True)
+    sys.stdin.readline()
+    print(f"ips {loop(job['duration_s'])}", flush=True)
 
 
 def _options(cfg: InProcessConfig) -> tuple[tuple[str, bool], ...]:
@@ -308,6 +412,11 @@ def format_report(r: InProcessResult) -> str:
             f"one process, all {first.threads} threads: {best.total_ips:.1f} img/s with prep (batch {best.batch_size})"
         )
         lines.append(f"machine limit (one thread per core): {r.machine_limit_ips:.1f} img/s = {r.machine_limit}")
+        if r.cores_at_once_ips is not None:
+            lines.append(
+                f"all {r.cores} cores at once (a one-thread process each, same batch): {r.cores_at_once_ips:.1f} img/s"
+                f" = {r.cores_at_once_ips / r.machine_limit_ips:.2f} x the limit"
+            )
     else:
         best = r.sweeps[0].best
         lines.append(f"preprocessing on all {r.cores} CPU cores (API): {r.prep_all_cores_ips:.1f} img/s")
@@ -352,3 +461,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(asdict(result) | {"prep_all_cores_ips": result.prep_all_cores_ips}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
+if __name__ == "__main__":  # a process of ``cores_at_once``
+    _one_core(json.loads(sys.argv[1]))

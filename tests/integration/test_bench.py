@@ -22,7 +22,7 @@ from api.app import create_app
 from common.bench import Body, make_images, run_level, target_for
 from common.cli import main
 from common.config import Settings
-from worker.bench_inprocess import InProcessConfig, format_report, measure
+from worker.bench_inprocess import InProcessConfig, cores_at_once, format_report, measure
 
 ROOT = Path(__file__).resolve().parents[2]
 Answer = tuple[int, "int | None"]
@@ -220,6 +220,15 @@ def test_in_process_measurement_of_a_small_model_on_cpu() -> None:
     one_thread_best = max(row.total_ips for row in r.sweeps[-1].rows)
     assert r.machine_limit_ips == pytest.approx(r.cores * one_thread_best)
     assert "machine limit (one thread per core)" in format_report(r)
+    if r.cores > 1:  # every core ran the limit's loop at once, in a process of its own
+        assert r.cores_at_once_ips is not None and r.cores_at_once_ips > 0
+        assert "cores at once" in format_report(r)
+
+
+def test_a_timing_process_that_fails_stops_the_measurement_with_its_error() -> None:
+    cfg = InProcessConfig(model="no_such_model", device="cpu", duration_s=0.05, warmup_s=0.0)
+    with pytest.raises(RuntimeError, match="no_such_model"):
+        cores_at_once(cfg, 2, 1, "worker")
 
 
 def test_the_null_worker_answers_through_the_api_and_leaves_nothing_in_flight(settings: Settings) -> None:

@@ -108,3 +108,20 @@ def test_the_cpu_window_comes_from_the_runs_own_load_length(tmp_path: Path, caps
     assert cpu_summary.main([str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mb CPU ms/req api |"))
     assert row.split("|")[1:-1] == [" mb CPU ms/req api ", " 1.00 ", " **1.00** "]  # 0.6 s over 600 requests
+
+
+def test_what_the_cores_did_at_once_is_set_against_the_limit_and_served(tmp_path: Path) -> None:
+    """The in-process runs time every core at once too: the summary gives that against the limit
+    (how far the cores slow each other) and served against it; runs made before it have neither."""
+    for name, at_once in (("inproc", 160.0), ("inproc-after", 200.0)):
+        doc = _inproc(200.0)
+        doc["cores_at_once_ips"] = at_once
+        _write(tmp_path, f"r1-{MB}-float32-{name}", doc)
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64", _level(144.0))
+    figures = cpu_summary.repeat_figures(tmp_path, 1, seconds=10.0)
+    assert figures["mb cores at once / limit"] == pytest.approx(0.9)  # the mean of 160 and 200, over 200
+    assert figures["mb served / cores at once"] == pytest.approx(0.8)  # 144 / 180
+
+    older = _inproc(200.0)  # a run from before the measurement: no row rather than a wrong one
+    _write(tmp_path, f"r1-{MB}-float32-inproc-after", older)
+    assert "mb cores at once / limit" not in cpu_summary.repeat_figures(tmp_path, 1, seconds=10.0)
