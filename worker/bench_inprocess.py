@@ -15,8 +15,8 @@ single-thread rate of (preprocessing + model) per image, i.e. one single-threade
 the all-threads figure of one process is printed beside it, and so is what the cores do at once:
 one one-thread process per core, all running the same loop (preprocessing then the model, at the
 best batch size) over the same window, their rates summed. Where the cores slow each other (shared
-caches and memory, a host's neighbours), that sum falls short of the limit. On CUDA, the model's throughput at its
-best batch size, or less where preprocessing cannot keep up with it: the better of all CPU cores
+caches and memory, a host's neighbours), that sum falls short of the limit. On CUDA, the model's
+throughput at its best batch size, or less where preprocessing cannot keep up with it: the better of all CPU cores
 running the API's path and the GPU decoding JPEGs beside the model's passes (its JPEG decoder and
 the passes' kernels run at once when the worker overlaps them, so the limit is the slower of the
 two, not their sum).
@@ -25,16 +25,18 @@ two, not their sum).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -311,35 +313,38 @@ def cores_at_once(cfg: InProcessConfig, cores: int, batch_size: int, prep: str) 
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "worker.bench_inprocess", json.dumps(job)]
-    procs = [
-        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for _ in range(cores)
-    ]
-    try:
-        for p in procs:
-            _expect_line(p, "ready")
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        rates = [float(_expect_line(p, "ips")) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    return sum(rates)
+    with contextlib.ExitStack() as stack:
+        # stderr to files: a pipe that nobody reads until the end could fill up and stall a process
+        errs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(cores)]
+        procs = [
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=e, text=True, env=env)
+            for e in errs
+        ]
+        try:
+            for p, e in zip(procs, errs):
+                _expect_line(p, e, "ready")
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            return sum(float(_expect_line(p, e, "ips")) for p, e in zip(procs, errs))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
 
 
-def _expect_line(p: subprocess.Popen[str], word: str) -> str:
-    """The value after ``word`` on the next line ``p`` prints, or its error."""
+def _expect_line(p: subprocess.Popen[str], err: IO[str], word: str) -> str:
+    """What follows ``word`` on the next line ``p`` prints; if the line is not that, its error."""
     assert p.stdout is not None
     line = p.stdout.readline().split()
-    if len(line) == 2 and line[0] == word:
-        return line[1]
+    if line[:1] == [word]:
+        return " ".join(line[1:])
     p.kill()
-    err = p.stderr.read() if p.stderr is not None else ""
-    raise RuntimeError(f"a one-thread timing process failed: {err.strip()[-2000:] or line}")
+    p.wait()
+    err.seek(0)
+    raise RuntimeError(f"a one-thread timing process failed: {err.read().strip()[-2000:] or line}")
 
 
 def _one_core(job: dict[str, Any]) -> None:
@@ -373,7 +378,7 @@ def _one_core(job: dict[str, Any]) -> None:
         return done / (time.perf_counter() - start)
 
     loop(job["warmup_s"])
-    print("ready 1", flush=True)
+    print("ready", flush=True)
     sys.stdin.readline()
     print(f"ips {loop(job['duration_s'])}", flush=True)
 
