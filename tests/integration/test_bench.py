@@ -225,6 +225,12 @@ def test_in_process_measurement_of_a_small_model_on_cpu() -> None:
         assert "cores at once" in format_report(r)
 
 
+def test_the_cores_at_once_run_the_api_side_preprocessing_too() -> None:
+    """Where Pillow in the API is the faster path, each process prepares images that way."""
+    cfg = InProcessConfig(model="mobilenet_v3_small", device="cpu", duration_s=0.05, warmup_s=0.0)
+    assert cores_at_once(cfg, 2, 2, "api") > 0
+
+
 def test_a_timing_process_that_fails_stops_the_measurement_with_its_error() -> None:
     cfg = InProcessConfig(model="no_such_model", device="cpu", duration_s=0.05, warmup_s=0.0)
     with pytest.raises(RuntimeError, match="no_such_model"):
