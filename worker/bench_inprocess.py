@@ -16,10 +16,10 @@ the all-threads figure of one process is printed beside it, and so is what the c
 one one-thread process per core, all running the same loop (preprocessing then the model, at the
 best batch size) over the same window, their rates summed. Where the cores slow each other (shared
 caches and memory, a host's neighbours), that sum falls short of the limit. On CUDA, the model's
-throughput at its best batch size, or less where preprocessing cannot keep up with it: the better of all CPU cores
-running the API's path and the GPU decoding JPEGs beside the model's passes (its JPEG decoder and
-the passes' kernels run at once when the worker overlaps them, so the limit is the slower of the
-two, not their sum).
+throughput at its best batch size, or less where preprocessing cannot keep up with it: the better
+of all CPU cores running the API's path and the GPU decoding JPEGs beside the model's passes (its
+JPEG decoder and the passes' kernels run at once when the worker overlaps them, so the limit is
+the slower of the two, not their sum).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 import torch
@@ -131,13 +131,18 @@ def time_preprocess(
     return inputs, statistics.median(times)
 
 
+def jpeg_inputs(bodies: Sequence[bytes]) -> list[TensorData]:
+    """The JPEGs among ``bodies`` as the worker's ``prepare`` takes them (other formats go the API's way)."""
+    return [TensorData("jpeg", (len(b),), b) for b in bodies if b[:2] == b"\xff\xd8"]
+
+
 def time_worker_preprocess(handler: TorchvisionClassifier, bodies: Sequence[bytes], n: int) -> tuple[list[Any], float]:
     """The worker's own preprocessing (``prepare``) of ``n`` JPEGs; what it made and the median
     seconds per image. On a CPU: decode, resize, crop and normalise, each image timed on its own
     after one untimed image, on this thread. On CUDA, as the worker's collector does it there: a
     batch of ``GPU_PREP_BATCH`` decoded by nvjpeg and cropped together on the GPU, timed to its
     end on the device, ``GPU_PREP_ROUNDS`` times (``n`` does not apply)."""
-    jpegs = [TensorData("jpeg", (len(b),), b) for b in bodies]
+    jpegs = jpeg_inputs(bodies)
     if handler.device.type != "cpu":
         sync = _synchronizer(handler.device)
         chunk = [jpegs[k % len(jpegs)] for k in range(GPU_PREP_BATCH)]
@@ -214,6 +219,12 @@ def sweep(
         torch.set_num_threads(before)
 
 
+def best_one_thread(sweeps: Sequence[Sweep]) -> BatchRow:
+    """The one-thread sweep's fastest batch size with preprocessing: the limit's unit."""
+    one = next(s for s in sweeps if s.threads == 1)
+    return max(one.rows, key=lambda r: r.total_ips)
+
+
 def machine_limit(
     device: torch.device, sweeps: Sequence[Sweep], cores: int, api_prep_s: float, worker_prep_s: float
 ) -> tuple[float, str]:
@@ -226,9 +237,16 @@ def machine_limit(
         if gpu >= api:
             return gpu, how + f"JPEGs decoded on the GPU ({1.0 / worker_prep_s:.0f} img/s)"
         return api, how + f"{cores} cores preprocessing ({cores / api_prep_s:.0f} img/s)"
-    one = next(s for s in sweeps if s.threads == 1)
-    best = max(one.rows, key=lambda r: r.total_ips)
+    best = best_one_thread(sweeps)
     return cores * best.total_ips, f"{cores} cores x {best.total_ips:.1f} img/s (one thread, batch {best.batch_size})"
+
+
+def load_handler(cfg: InProcessConfig, device: torch.device) -> TorchvisionClassifier:
+    """The worker's handler for ``cfg``'s model and options, set up on ``device``."""
+    handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last, decode_jpeg=True)
+    handler.fuse, handler.compile = cfg.fuse, cfg.compile
+    handler.setup(device)
+    return handler
 
 
 def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None) -> InProcessResult:
@@ -236,11 +254,9 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
     device = resolve_device(cfg.device)
     if cfg.cuda_graphs:
         check_cuda_graphs(device, cfg.compile)
-    handler = TorchvisionClassifier(cfg.model, cfg.weights, cfg.dtype, cfg.channels_last, decode_jpeg=True)
-    handler.fuse, handler.compile = cfg.fuse, cfg.compile
     if cfg.compile:
         allow_compiled_shapes(len(cfg.batch_sizes))
-    handler.setup(device)
+    handler = load_handler(cfg, device)
     if cfg.cuda_graphs:  # a graph for every batch size timed, as the worker has one per bucket
         use_cuda_graphs(handler, cfg.batch_sizes, lambda n: blank_batch(handler, n))
     bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
@@ -249,7 +265,7 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
     torch.set_num_threads(1)  # one core, like the API's Pillow
     try:
         api_inputs, api_prep_s = time_preprocess(bodies, handler.spec.to_dict(), cfg.max_pixels, n_prep)
-        prepared, worker_prep_s = time_worker_preprocess(handler, [b for b in bodies if b[:2] == b"\xff\xd8"], n_prep)
+        prepared, worker_prep_s = time_worker_preprocess(handler, bodies, n_prep)
     finally:
         torch.set_num_threads(before)
     prep_s = min(api_prep_s, worker_prep_s)
@@ -267,8 +283,7 @@ def measure(cfg: InProcessConfig, progress: Callable[[str], None] | None = None)
     limit_ips, how = machine_limit(device, sweeps, cores, api_prep_s, worker_prep_s)
     at_once = None
     if device.type == "cpu" and cores > 1:
-        one = next(s for s in sweeps if s.threads == 1)
-        best = max(one.rows, key=lambda r: r.total_ips)
+        best = best_one_thread(sweeps)
         if progress is not None:
             progress(f"timing {cores} one-thread processes at once, batch {best.batch_size}...")
         at_once = cores_at_once(cfg, cores, best.batch_size, "worker" if worker_prep_s < api_prep_s else "api")
@@ -295,20 +310,8 @@ def cores_at_once(cfg: InProcessConfig, cores: int, batch_size: int, prep: str) 
     """Images a second of ``cores`` one-thread processes running the limit's loop at once: each
     loads the model, warms up and says so; all start on one signal and time the same window
     (``2 * cfg.duration_s``); their rates are summed. A process that fails raises, with its error."""
-    job = {
-        "model": cfg.model,
-        "weights": cfg.weights,
-        "dtype": cfg.dtype,
-        "channels_last": cfg.channels_last,
-        "fuse": cfg.fuse,
-        "size": list(cfg.size),
-        "images": list(cfg.images),
-        "max_pixels": cfg.max_pixels,
-        "batch_size": batch_size,
-        "prep": prep,
-        "warmup_s": cfg.warmup_s,
-        "duration_s": 2 * cfg.duration_s,
-    }
+    # eager, as the processes always timed it: no torch.compile or CUDA graphs in them
+    job = {"cfg": asdict(replace(cfg, compile=False, cuda_graphs=False)), "batch_size": batch_size, "prep": prep}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -351,13 +354,13 @@ def _one_core(job: dict[str, Any]) -> None:
     """One process of ``cores_at_once``: the limit's loop on one thread, timed after a "go" line."""
     torch.set_num_threads(1)
     logging.getLogger("worker.handler").setLevel(logging.ERROR)
-    handler = TorchvisionClassifier(job["model"], job["weights"], job["dtype"], job["channels_last"], decode_jpeg=True)
-    handler.fuse = job["fuse"]
-    handler.setup(torch.device("cpu"))
-    bodies = [b.data for b in load_bodies(job["images"] or None, tuple(job["size"]))]
-    spec, max_pixels, n = handler.spec.to_dict(), job["max_pixels"], job["batch_size"]
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in job["cfg"].items()}
+    cfg = InProcessConfig(**fields)  # JSON made its tuples lists
+    handler = load_handler(cfg, torch.device("cpu"))
+    bodies = [b.data for b in load_bodies(cfg.images or None, cfg.size)]
+    spec, n = handler.spec.to_dict(), job["batch_size"]
     if job["prep"] == "worker":
-        jpegs = [TensorData("jpeg", (len(b),), b) for b in bodies if b[:2] == b"\xff\xd8"]
+        jpegs = jpeg_inputs(bodies)
 
         def prepare(i: int) -> list[Any]:
             return [x for k in range(i, i + n) for x in handler.prepare([jpegs[k % len(jpegs)]])]
@@ -365,7 +368,7 @@ def _one_core(job: dict[str, Any]) -> None:
 
         def prepare(i: int) -> list[Any]:
             return [
-                to_model_input(open_image(bodies[k % len(bodies)], max_pixels), spec, max_pixels)
+                to_model_input(open_image(bodies[k % len(bodies)], cfg.max_pixels), spec, cfg.max_pixels)
                 for k in range(i, i + n)
             ]
 
@@ -377,10 +380,10 @@ def _one_core(job: dict[str, Any]) -> None:
             done += n
         return done / (time.perf_counter() - start)
 
-    loop(job["warmup_s"])
+    loop(cfg.warmup_s)
     print("ready", flush=True)
     sys.stdin.readline()
-    print(f"ips {loop(job['duration_s'])}", flush=True)
+    print(f"ips {loop(2 * cfg.duration_s)}", flush=True)
 
 
 def _options(cfg: InProcessConfig) -> tuple[tuple[str, bool], ...]:
