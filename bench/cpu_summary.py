@@ -2,7 +2,10 @@
 then the median over repeats (ratios are taken within a repeat, where the machine's speed is the
 same for both sides). Where the in-process limit was timed both before and after the served run
 (``...-inproc`` and ``...-inproc-after``), the in-process figures are the mean of the two, and
-``limit after / before`` shows how far the machine drifted in between.
+``limit after / before`` shows how far the machine drifted in between. Where the machine drifts
+within a minute, ``served / limit at the worker-timed unit cost`` gives the ratio with no drift
+in it: the limit's unit cost (preparing and running one image) taken from what the worker itself
+spent per request in the served run's own window, so a slow minute slows both sides alike.
 
     python bench/cpu_summary.py out/cpu [SECONDS_PER_LEVEL]
 
@@ -117,6 +120,11 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
             if timed:  # the same figure with prep and model as the worker timed them in this run
                 f[f"{key} worker-timed prep ms/req"], f[f"{key} worker-timed model ms/req"] = timed
                 f[f"{key} CPU ms/req api+worker outside prep+model, worker-timed"] = own - sum(timed)
+                cores = inproc[0].get("cores")
+                if cores:  # the limit at what the worker paid for each image in this window (no drift)
+                    f[f"{key} served / limit at the worker-timed unit cost"] = (
+                        served["ok_per_s"] * sum(timed) / 1000.0 / cores
+                    )
     mb1 = level(out, f"r{r}-{MB}-float32-n1-worker", 64)
     mb_api = level(out, f"r{r}-{MB}-float32-n32-api", 64)
     if mb1 and "mb served 64" in f:

@@ -22,6 +22,7 @@ def _inproc(limit: float) -> dict:
     rows = [{"batch_size": 1, "model_ms": 10.0}, {"batch_size": 8, "model_ms": 40.0}]
     return {
         "machine_limit_ips": limit,
+        "cores": 2,
         "prep_ms": 3.0,
         "sweeps": [{"threads": 2, "rows": rows}, {"threads": 1, "rows": rows}],
     }
@@ -71,6 +72,8 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
     assert figures["mb worker-timed prep ms/req"] == pytest.approx(3.0)
     assert figures["mb worker-timed model ms/req"] == pytest.approx(6.0)
     assert figures["mb CPU ms/req api+worker outside prep+model, worker-timed"] == pytest.approx(12.0 - 9.0)
+    # at 9 ms an image of the worker's own, 2 cores give 222 img/s in the same window: 80 of that
+    assert figures["mb served / limit at the worker-timed unit cost"] == pytest.approx(80 * 9.0 / 1000 / 2)
 
     assert cpu_summary.main([str(tmp_path), "12"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mb served/limit |"))
