@@ -53,15 +53,16 @@ def stats(path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in zip(lines[::2], lines[1::2]) if v.lstrip("-").isdigit()}
 
 
-def worker_timed(out: Path, name: str, c: int) -> tuple[float, float] | None:
+def worker_timed(out: Path, name: str, c: int) -> tuple[float, float, int] | None:
     """The worker's own CPU per request over the snapshot window, in ms: preparing inputs
-    (``prep_cpu_us``) and the handler's preprocess, forward and postprocess (``model_cpu_us``)."""
+    (``prep_cpu_us``) and the handler's preprocess, forward and postprocess (``model_cpu_us``);
+    and the requests it answered in that window."""
     a, b = stats(out / f"{name}-c{c}-stats0.txt"), stats(out / f"{name}-c{c}-stats1.txt")
     n = b.get("requests", 0) - a.get("requests", 0)
     if n <= 0 or "model_cpu_us" not in b:
         return None
     prep, model = ((b.get(k, 0) - a.get(k, 0)) / 1000.0 / n for k in ("prep_cpu_us", "model_cpu_us"))
-    return prep, model
+    return prep, model, n
 
 
 def single_image_ms(inprocs: list[dict[str, Any]]) -> float:
@@ -118,12 +119,18 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
                 f[f"{key} CPU ms/req {g}"] = split.get(g, 0.0)
             timed = worker_timed(out, f"r{r}-{model}-float32-n{n}-worker", 64)
             if timed:  # the same figure with prep and model as the worker timed them in this run
-                f[f"{key} worker-timed prep ms/req"], f[f"{key} worker-timed model ms/req"] = timed
-                f[f"{key} CPU ms/req api+worker outside prep+model, worker-timed"] = own - sum(timed)
+                prep, model_ms, answered = timed
+                f[f"{key} worker-timed prep ms/req"], f[f"{key} worker-timed model ms/req"] = prep, model_ms
+                # the window's CPU over the requests the worker answered in it (its counters are
+                # read beside the CPU snapshots), not over the load's mean rate: on a drifting host
+                # the rate moves within a load, and resnet18's batches of 8 make a small count coarse
+                window = cpu_split(out, f"r{r}-{model}-float32-n{n}-worker", 64, answered / seconds, seconds)
+                own_window = window.get("api", 0.0) + window.get("worker", 0.0) if window else own
+                f[f"{key} CPU ms/req api+worker outside prep+model, worker-timed"] = own_window - prep - model_ms
                 cores = inproc[0].get("cores")
                 if cores:  # the limit at what the worker paid for each image in this window (no drift)
                     f[f"{key} served / limit at the worker-timed unit cost"] = (
-                        served["ok_per_s"] * sum(timed) / 1000.0 / cores
+                        served["ok_per_s"] * (prep + model_ms) / 1000.0 / cores
                     )
     mb1 = level(out, f"r{r}-{MB}-float32-n1-worker", 64)
     mb_api = level(out, f"r{r}-{MB}-float32-n32-api", 64)

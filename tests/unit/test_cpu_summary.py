@@ -55,7 +55,12 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
         # the worker's own counters over the same window, as redis-cli prints HGETALL
         stats = f"r{r}-{MB}-float32-n32-worker-c64-stats"
         (tmp_path / f"{stats}0.txt").write_text("requests\n100\nprep_cpu_us\n100000\nmodel_cpu_us\n200000\n")
-        (tmp_path / f"{stats}1.txt").write_text("requests\n1100\nprep_cpu_us\n3100000\nmodel_cpu_us\n6200000\n")
+        # (as many requests as the load's rate gives the window: 10 s at ``served`` req/s)
+        answered = int(served * 10)
+        (tmp_path / f"{stats}1.txt").write_text(
+            f"requests\n{100 + answered}\nprep_cpu_us\n{100000 + 3000 * answered}\n"
+            f"model_cpu_us\n{200000 + 6000 * answered}\n"
+        )
 
     figures = cpu_summary.repeat_figures(tmp_path, 2, seconds=10.0)
     assert figures["mb served/limit"] == pytest.approx(0.8)  # 80 / 100: repeat 2's own limit
@@ -68,7 +73,7 @@ def test_each_repeat_is_compared_with_its_own_limit(tmp_path: Path, capsys: pyte
     assert figures["mb CPU ms/req api"] == pytest.approx(2.0) and figures["mb CPU ms/req"] == pytest.approx(13.0)
     assert figures["mb CPU ms/req outside prep+forward"] == pytest.approx(13.0 - 8.0)  # best: 3 + 40 / 8
     assert figures["mb CPU ms/req api+worker outside prep+forward"] == pytest.approx(12.0 - 8.0)  # Redis's 1 left out
-    # 1000 requests took 3 ms of preparing and 6 ms of model CPU each, as the worker timed them
+    # 800 requests took 3 ms of preparing and 6 ms of model CPU each, as the worker timed them
     assert figures["mb worker-timed prep ms/req"] == pytest.approx(3.0)
     assert figures["mb worker-timed model ms/req"] == pytest.approx(6.0)
     assert figures["mb CPU ms/req api+worker outside prep+model, worker-timed"] == pytest.approx(12.0 - 9.0)
@@ -128,3 +133,18 @@ def test_what_the_cores_did_at_once_is_set_against_the_limit_and_served(tmp_path
     older = _inproc(200.0)  # a run from before the measurement: no row rather than a wrong one
     _write(tmp_path, f"r1-{MB}-float32-inproc-after", older)
     assert "mb cores at once / limit" not in cpu_summary.repeat_figures(tmp_path, 1, seconds=10.0)
+
+
+def test_the_worker_timed_figure_counts_the_requests_the_worker_answered_in_the_window(tmp_path: Path) -> None:
+    """The load's mean rate says 800 requests fell in the CPU window, the worker's own counters
+    (read beside the CPU snapshots) say 1000: the worker-timed figure divides by the worker's."""
+    _write(tmp_path, f"r1-{MB}-float32-inproc", _inproc(200.0))
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64", _level(80.0))
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64-cpu0", {"api": {"1": 0.0}, "worker": {"2": 0.0}})
+    _write(tmp_path, f"r1-{MB}-float32-n32-worker-c64-cpu1", {"api": {"1": 1.0}, "worker": {"2": 9.0}})
+    stats = f"r1-{MB}-float32-n32-worker-c64-stats"
+    (tmp_path / f"{stats}0.txt").write_text("requests\n0\nprep_cpu_us\n0\nmodel_cpu_us\n0\n")
+    (tmp_path / f"{stats}1.txt").write_text("requests\n1000\nprep_cpu_us\n3000000\nmodel_cpu_us\n6000000\n")
+    figures = cpu_summary.repeat_figures(tmp_path, 1, seconds=10.0)
+    assert figures["mb CPU ms/req api+worker outside prep+forward"] == pytest.approx(10_000 / 800 - 8.0)
+    assert figures["mb CPU ms/req api+worker outside prep+model, worker-timed"] == pytest.approx(10_000 / 1000 - 9.0)
