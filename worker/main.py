@@ -194,9 +194,9 @@ def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> 
     torch.set_num_threads(threads)
     plan = ThreadPlan(choose_threads(samples))
     logger.info(
-        "thread plan (batch size:threads) %s, from %s ms per pass in %.1fs",
+        "thread plan (batch size:threads) %s, from %s ms per pass (medians, as chosen) in %.1fs",
         plan.describe(),
-        {s: {n: round(1000 * min(v), 1) for n, v in by.items()} for s, by in samples.items()},
+        {s: {n: round(1000 * statistics.median(v), 1) for n, v in by.items()} for s, by in samples.items()},
         time.perf_counter() - t0,
     )
     return plan, statistics.median(samples[sizes[-1]][1]) / sizes[-1]
