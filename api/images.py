@@ -8,6 +8,7 @@ scale and normalise: the service's answers equal ``model(weights.transforms()(im
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from typing import Any
@@ -119,6 +120,11 @@ def to_model_input(im: Image.Image, spec: dict[str, Any], max_pixels: int) -> Te
     return TensorData("uint8", (crop, crop, 3), rgb.tobytes())
 
 
+_OBJECT_REPR = re.compile(r" ?<[^<>]* (?:object )?at 0x[0-9a-fA-F]+>")  # Pillow names the BytesIO it read
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    """What the client is told of a decoding error: the library's words, with no object repr (a
+    memory address says nothing to a client), and at most 200 characters."""
+    text = _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
     return text[:200]

@@ -90,8 +90,15 @@ def test_extreme_aspect_ratio_is_refused_before_resizing() -> None:
     [b"", b"hello world", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"GIF89a" + b"\x00" * 100, b"%PDF-1.4 ..."],
 )
 def test_bodies_that_are_not_images_are_invalid(body: bytes) -> None:
-    with pytest.raises(InvalidImage):
+    with pytest.raises(InvalidImage) as caught:
         to_model_input(open_image(body, MAX_PIXELS), _spec("resnet18"), MAX_PIXELS)
+    assert " at 0x" not in caught.value.message  # the client reads no object repr of the server's
+
+
+def test_a_body_no_decoder_recognises_is_named_as_such_to_the_client() -> None:
+    with pytest.raises(InvalidImage) as caught:
+        open_image(b"definitely not a jpeg", MAX_PIXELS)
+    assert caught.value.message == "not a JPEG, PNG or WebP image (cannot identify image file)"
 
 
 def test_truncated_jpeg_is_invalid_not_a_crash() -> None:
