@@ -124,9 +124,8 @@ def repeat_figures(out: Path, r: int, seconds: float) -> dict[str, float]:
                 # the window's CPU over the requests the worker answered in it (its counters are
                 # read beside the CPU snapshots), not over the load's mean rate: on a drifting host
                 # the rate moves within a load, and resnet18's batches of 8 make a small count coarse
-                window = cpu_split(out, f"r{r}-{model}-float32-n{n}-worker", 64, answered / seconds, seconds)
-                own_window = window.get("api", 0.0) + window.get("worker", 0.0) if window else own
-                f[f"{key} CPU ms/req api+worker outside prep+model, worker-timed"] = own_window - prep - model_ms
+                own_answered = own * served["ok_per_s"] * seconds / answered
+                f[f"{key} CPU ms/req api+worker outside prep+model, worker-timed"] = own_answered - prep - model_ms
                 cores = inproc[0].get("cores")
                 if cores:  # the limit at what the worker paid for each image in this window (no drift)
                     f[f"{key} served / limit at the worker-timed unit cost"] = (

@@ -117,16 +117,21 @@ class InProcessResult:
         return self.cores * 1000.0 / cpu_ms
 
 
+def api_input(body: bytes, spec: dict[str, Any], max_pixels: int) -> TensorData:
+    """The API's preprocessing of one image (Pillow): decoded, resized and cropped to ``spec``."""
+    return to_model_input(open_image(body, max_pixels), spec, max_pixels)
+
+
 def time_preprocess(
     bodies: Sequence[bytes], spec: dict[str, object], max_pixels: int, n: int
 ) -> tuple[list[TensorData], float]:
     """The API's preprocessing of ``n`` images (cycling over ``bodies``), each timed on its own after
     one untimed image; returns the model inputs and the median seconds per image."""
-    to_model_input(open_image(bodies[0], max_pixels), spec, max_pixels)
+    api_input(bodies[0], spec, max_pixels)
     inputs, times = [], []
     for i in range(n):
         start = time.perf_counter()
-        inputs.append(to_model_input(open_image(bodies[i % len(bodies)], max_pixels), spec, max_pixels))
+        inputs.append(api_input(bodies[i % len(bodies)], spec, max_pixels))
         times.append(time.perf_counter() - start)
     return inputs, statistics.median(times)
 
@@ -367,10 +372,7 @@ def _one_core(job: dict[str, Any]) -> None:
     else:
 
         def prepare(i: int) -> list[Any]:
-            return [
-                to_model_input(open_image(bodies[k % len(bodies)], cfg.max_pixels), spec, cfg.max_pixels)
-                for k in range(i, i + n)
-            ]
+            return [api_input(bodies[k % len(bodies)], spec, cfg.max_pixels) for k in range(i, i + n)]
 
     def loop(seconds: float) -> float:
         """Batches of preprocessing then the model, at least one, until ``seconds``: images a second."""
