@@ -9,7 +9,8 @@
 #
 #   bash bench/cpu_check.sh            # from the repo root, with the venv of scripts/test.sh
 # Results go to $OUT (default out/cpu). Knobs: REPEATS=3, SECONDS_PER_LEVEL=10, API_WORKERS=1,
-# MODELS="mobilenet_v3_small resnet18", BF16=1 (resnet18 in bfloat16 too), PYTHON=.venv/bin/python.
+# MODELS="mobilenet_v3_small resnet18", BF16=1 (resnet18 in bfloat16 too), PYTHON=.venv/bin/python,
+# DRIFT_S=10 (seconds of bench/host_check.py's drift loop in machine.txt; 0: none).
 OUT=${OUT:-out/cpu}
 source bench/env.sh
 REPEATS=${REPEATS:-3} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10} WARMUP_S=3 API_WORKERS=${API_WORKERS:-1}
@@ -17,7 +18,7 @@ MODELS=${MODELS:-"mobilenet_v3_small resnet18"} BF16=${BF16:-1}
 
 {
   echo "date: $(date -u +%FT%TZ)"; nproc | sed 's/^/cpu cores: /'
-  grep -m1 'model name' /proc/cpuinfo
+  $PY bench/host_check.py --drift-s "${DRIFT_S:-10}"  # the CPU's generation, nesting, drift, wake-ups
   $PY -c "import sys,torch,torchvision,PIL; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__, 'cpu capability', torch.backends.cpu.get_cpu_capability())"
 } 2>&1 | tee "$OUT/machine.txt"
 
