@@ -116,6 +116,11 @@ def wakeup_us(pause_s: float, rounds: int, cpus: tuple[int, int] = (0, 1)) -> fl
     return statistics.median(times) * 1e6
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (Linux); none where CPU affinity is not available."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text()
@@ -137,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             f"python loop ({LOOP_N:,} additions, best of 3, every 0.5 s for {a.drift_s:g} s): "
             f"min {ms[0]:.1f} median {statistics.median(ms):.1f} max {ms[-1]:.1f} ms"
         )
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = usable_cpus()
     if len(cpus) < 2:
-        print("wake-up across CPUs: one CPU only, not measured")
+        print("wake-up across CPUs: fewer than two CPUs to pin to (or no CPU affinity here), not measured")
         return 0
     pair = (cpus[0], cpus[1])
     parts = [
