@@ -13,9 +13,10 @@ machine:
 - **drift**: a fixed Python loop (200,000 additions, the best of three) every half second. On a
   shared host its time moved by up to half within a minute on some machines, which is why every
   ratio in the docs comes from one run side by side.
-- **wake-up**: a one-byte pipe round trip between two processes pinned to CPUs 0 and 1, back to
-  back and after a pause (an idle vCPU halts, and waking it is what every hop of a lone request
-  pays: client, API, Redis, the worker's threads).
+- **wake-up**: a one-byte pipe round trip between two processes pinned to the first two CPUs this
+  one may use (0 and 1 on the project's 2-vCPU machines), back to back and after a pause (an idle
+  vCPU halts, and waking it is what every hop of a lone request pays: client, API, Redis, the
+  worker's threads).
 """
 
 from __future__ import annotations
@@ -86,14 +87,14 @@ def drift(seconds: float, every_s: float = 0.5) -> list[float]:
 def wakeup_us(pause_s: float, rounds: int, cpus: tuple[int, int] = (0, 1)) -> float:
     """Median one-byte pipe round trip (µs) between this process on ``cpus[0]`` and a child on
     ``cpus[1]``, with ``pause_s`` of sleep before each."""
-    to_child, from_parent = os.pipe()
-    to_parent, from_child = os.pipe()
+    child_in, parent_out = os.pipe()  # (read end, write end)
+    parent_in, child_out = os.pipe()
     pid = os.fork()
     if pid == 0:  # the echo: one byte back for each byte, until b"q"
         try:
             os.sched_setaffinity(0, {cpus[1]})
-            while (b := os.read(to_child, 1)) not in (b"q", b""):
-                os.write(from_child, b)
+            while (b := os.read(child_in, 1)) not in (b"q", b""):
+                os.write(child_out, b)
         finally:
             os._exit(0)
     affinity = os.sched_getaffinity(0)
@@ -104,14 +105,14 @@ def wakeup_us(pause_s: float, rounds: int, cpus: tuple[int, int] = (0, 1)) -> fl
             if pause_s:
                 time.sleep(pause_s)
             t0 = time.perf_counter()
-            os.write(from_parent, b"x")
-            os.read(to_parent, 1)
+            os.write(parent_out, b"x")
+            os.read(parent_in, 1)
             times.append(time.perf_counter() - t0)
     finally:
-        os.write(from_parent, b"q")
+        os.write(parent_out, b"q")
         os.waitpid(pid, 0)
         os.sched_setaffinity(0, affinity)
-        for fd in (to_child, from_parent, to_parent, from_child):
+        for fd in (child_in, parent_out, parent_in, child_out):
             os.close(fd)
     return statistics.median(times) * 1e6
 
