@@ -15,6 +15,10 @@ OUT=${OUT:-out/cpu}
 source bench/env.sh
 REPEATS=${REPEATS:-3} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10} WARMUP_S=3 API_WORKERS=${API_WORKERS:-1}
 MODELS=${MODELS:-"mobilenet_v3_small resnet18"} BF16=${BF16:-1}
+if [ "$SECONDS_PER_LEVEL" -lt 4 ]; then  # the CPU window below is the load's length less 2 s
+  echo "SECONDS_PER_LEVEL must be at least 4: the CPU of each load is taken over its length less 2 s" >&2
+  exit 2
+fi
 
 {
   echo "date: $(date -u +%FT%TZ)"; nproc | sed 's/^/cpu cores: /'
