@@ -15,7 +15,8 @@ OUT=${OUT:-out/cpu}
 source bench/env.sh
 REPEATS=${REPEATS:-3} SECONDS_PER_LEVEL=${SECONDS_PER_LEVEL:-10} WARMUP_S=3 API_WORKERS=${API_WORKERS:-1}
 MODELS=${MODELS:-"mobilenet_v3_small resnet18"} BF16=${BF16:-1}
-if [ "$SECONDS_PER_LEVEL" -lt 4 ]; then  # the CPU window below is the load's length less 2 s
+WINDOW_S=$((SECONDS_PER_LEVEL - 2))  # each load's CPU window (bench/cpu_summary.py's snapshot_window)
+if [ "$WINDOW_S" -lt 2 ]; then
   echo "SECONDS_PER_LEVEL must be at least 4: the CPU of each load is taken over its length less 2 s" >&2
   exit 2
 fi
@@ -53,7 +54,7 @@ served() {  # name model max-batch dtype preprocess "concurrencies" [worker flag
     local groups=("api=$apid,$(pgrep -P "$apid" | paste -sd,)" "worker=$wpid" "redis=$RPID" "bench=$bpid")
     $PY bench/proc_cpu.py snap "$OUT/$name-c$c-cpu0.json" "${groups[@]}"
     redis-cli -p "$PORT" HGETALL "$prefix:stats:$model" >"$OUT/$name-c$c-stats0.txt"  # the worker's own CPU counters
-    sleep $((SECONDS_PER_LEVEL - 2))
+    sleep "$WINDOW_S"
     $PY bench/proc_cpu.py snap "$OUT/$name-c$c-cpu1.json" "${groups[@]}"
     redis-cli -p "$PORT" HGETALL "$prefix:stats:$model" >"$OUT/$name-c$c-stats1.txt"
     wait "$bpid"

@@ -22,7 +22,7 @@ from worker.instances import START_FAILED
 from worker.metrics import serve as serve_metrics
 from worker.registry import load_handler
 from worker.runner import BLOCK_S, Worker, batch_buckets
-from worker.threads import ThreadPlan, calibrate, choose_threads
+from worker.threads import ThreadPlan, calibrate, choose_threads, medians
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def _thread_plan(settings: Settings, handler: Handler, device: torch.device) -> 
     logger.info(
         "thread plan (batch size:threads) %s, from %s ms per pass (medians, as chosen) in %.1fs",
         plan.describe(),
-        {s: {n: round(1000 * statistics.median(v), 1) for n, v in by.items()} for s, by in samples.items()},
+        {s: {n: round(1000 * m, 1) for n, m in by.items()} for s, by in medians(samples).items()},
         time.perf_counter() - t0,
     )
     return plan, statistics.median(samples[sizes[-1]][1]) / sizes[-1]

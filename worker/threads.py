@@ -26,14 +26,19 @@ Samples = Mapping[int, Mapping[int, Sequence[float]]]  # batch size -> thread co
 MARGIN = 0.1
 
 
+def medians(samples: Samples) -> dict[int, dict[int, float]]:
+    """Each batch size's median seconds per pass, by thread count: what ``choose_threads`` compares."""
+    return {size: {n: statistics.median(v) for n, v in by.items()} for size, by in samples.items()}
+
+
 def choose_threads(samples: Samples, margin: float = MARGIN) -> dict[int, int]:
     """For each batch size, the thread count with the lowest median time; a higher count only when
     it beats every lower one by more than ``margin`` (a fraction)."""
     plan: dict[int, int] = {}
-    for size, by_threads in samples.items():
+    for size, by_threads in medians(samples).items():
         best_n, best_s = 0, float("inf")
         for n in sorted(by_threads):
-            med = statistics.median(by_threads[n])
+            med = by_threads[n]
             if not best_n or med < best_s * (1.0 - margin):
                 best_n, best_s = n, med
         if best_n:
