@@ -200,11 +200,11 @@ class Worker:
                 self._busy_lanes += 1
                 self._lanes_changed.notify_all()
             backlog = len(self.buffer) > 0 or self._admitting > 0 or self.broker.left > 0 or self._taken_in_pass
-        taken = self._taken
+        taken = ended = self._taken
         try:
-            self.process(items, alone, backlog, lane)
+            ended = self.process(items, alone, backlog, lane)
         finally:
-            self._taken_in_pass = self._taken != taken
+            self._taken_in_pass = ended != taken
             with self._lanes_changed:
                 self._busy_lanes -= 1
             self.buffer.notify()  # a lane waiting for a full batch may go on as usual now
@@ -328,12 +328,15 @@ class Worker:
 
     # ---- one batch -------------------------------------------------------------------------
 
-    def process(self, items: list[_Item], alone: bool = True, backlog: bool = False, lane: int = 0) -> None:
+    def process(self, items: list[_Item], alone: bool = True, backlog: bool = False, lane: int = 0) -> int:
         """Drop what expired while buffered, run the rest as one forward pass, reply to every item.
         ``alone``: no other lane was in a forward pass when this batch was formed; ``backlog``: more
         items were waiting behind it (in the buffer, being prepared by the collector, or queued in
         Redis at the collector's last take), or came in during the last pass; ``lane``: the lane
-        running it (``_use_threads``)."""
+        running it (``_use_threads``). Returns the collector's count of frames taken (``_taken``)
+        as the pass ended, before its replies went out: a client's next request, sent once it has
+        its answer, may be taken while this thread still waits for Redis to acknowledge the replies,
+        and did not come in during the pass."""
         counts: Counter[str] = Counter()
         out: list[Outgoing] = []
         live: list[_Item] = []
@@ -352,7 +355,9 @@ class Worker:
             counts["batches"] += 1
             with self._lanes_lock:
                 self.batches += 1
+        ended = self._taken
         self._send(out, counts, direct_if_idle=True)
+        return ended
 
     def _admit(self, raw: bytes, counts: Counter[str]) -> _Item | Outgoing:
         got = self._check(raw, counts)

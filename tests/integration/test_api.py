@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -363,6 +364,30 @@ def test_a_request_that_came_in_during_a_pass_runs_on_one_thread(
     assert [(n, size) for _, _, n, size in h.passes] == [(many, 1), (1, 1)], h.passes
     assert post(120) == 200  # nothing came in during that pass: all threads again
     assert h.passes[-1][2] == many
+
+
+def test_a_request_sent_after_the_answer_is_not_counted_as_come_in_during_the_pass(
+    tiny: Settings, start_worker: Callable[..., RunningWorker]
+) -> None:
+    """A lone client's next request can be taken while the lane still waits for Redis to
+    acknowledge the replies it sent (here: 0.3 s more); it came in after the pass, and its own pass
+    gets the plan's count of threads, as a lone request does."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two torch threads")
+    many = torch.get_num_threads()
+    h = SlowHandler()
+    w = start_worker(handler=h, thread_plan=ThreadPlan({1: many}), max_batch_size=4, window_ms=0)
+    sent = w.worker.broker.send
+
+    def send_then_stall(*args: Any, **kwargs: Any) -> None:
+        sent(*args, **kwargs)  # the replies are in Redis: the client has its answer
+        time.sleep(0.3)
+
+    w.worker.broker.send = send_then_stall  # type: ignore[method-assign]
+    client = _client(tiny)
+    for v in (40, 80, 120):  # each sent as soon as the one before is answered
+        assert client.post("/v1/models/tiny/predict", data=_solid(v), headers=JPEG).status_code == 200
+    assert [(n, size) for _, _, n, size in h.passes] == [(many, 1)] * 3, h.passes
 
 
 def _burn(seconds: float) -> None:
