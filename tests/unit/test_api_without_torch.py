@@ -37,9 +37,10 @@ def test_cli_help_for_the_api_does_not_import_torch() -> None:
 
 
 # The modules each side imports when it starts: the API under every gunicorn worker class it
-# offers, and the worker's command line with its model stack.
+# offers (and the tools that run without torch: the load generator, the Python client, top), and
+# the worker's command line with its model stack.
 API_STARTUP = (
-    "import api.app, api.server, common.cli, common.up\n"
+    "import api.app, api.server, common.cli, common.up, common.bench, common.client, common.top\n"
     "from gunicorn.util import load_class\n"
     "from api.server import WORKER_CLASSES\n"
     "for uri in WORKER_CLASSES.values():\n"
