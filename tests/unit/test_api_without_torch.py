@@ -60,20 +60,18 @@ def _declared(extras: tuple[str, ...]) -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     todo = [Requirement(r) for r in project["dependencies"]]
     todo += [Requirement(r) for e in extras for r in project["optional-dependencies"][e]]
-    seen: set[tuple[str, frozenset[str]]] = set()
-    names: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()  # each distribution with the extras asked of it
     while todo:
         req = todo.pop()
-        name = canonicalize_name(req.name)
-        if (name, frozenset(req.extras)) in seen:
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
             continue
-        seen.add((name, frozenset(req.extras)))
-        names.add(name)
+        seen.add(key)
         for raw in metadata.distribution(req.name).requires or []:
             sub = Requirement(raw)
             if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in {"", *req.extras}):
                 todo.append(sub)
-    return names
+    return {name for name, _ in seen}
 
 
 def _import_with_only(extras: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str]:
